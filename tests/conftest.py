@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models built offline, upstream data, and an lm_eval CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rejalign_tasks.data import DATA_DIR_ENV
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder of upstream data files (``$REJALIGN_DATA_DIR``; .ci/run points it at shared data)."""
+    value = os.environ.get(DATA_DIR_ENV)
+    if not value or not Path(value).is_dir():
+        pytest.fail(f"{DATA_DIR_ENV} must name the folder of upstream data files (see .ci/run)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    from rejalign_train.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    from rejalign_train.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def run_lm_eval(args: list[str], output_path: Path, *, env: dict | None = None, timeout: int = 900):
+    """Run the real ``lm_eval`` CLI in a subprocess; return (completed process, results, samples).
+
+    ``samples`` maps task name to its list of logged samples.
+    """
+    cmd = [sys.executable, "-m", "lm_eval", *args, "--output_path", str(output_path), "--log_samples"]
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    results, samples = None, {}
+    result_files = sorted(output_path.rglob("results_*.json"))
+    if result_files:
+        results = json.loads(result_files[-1].read_text())
+        for f in output_path.rglob("samples_*.jsonl"):
+            task = f.name[len("samples_") :].rsplit("_", 1)[0]
+            samples[task] = [json.loads(line) for line in f.read_text().splitlines() if line]
+    return proc, results, samples
+
+
+@pytest.fixture
+def lm_eval_cli():
+    return run_lm_eval
