@@ -1,8 +1,14 @@
-"""Typographic attack images: FigStep's renderer, reproduced exactly, with font discovery and a cache.
+"""Typographic attack images: FigStep's and MM-SafetyBench's renderers, reproduced exactly.
 
-FigStep (ThuCCSLab/FigStep @ 0861b17) draws ``textwrap.fill(instruction, 15) + "\\n1. \\n2. \\n3. "``
-in black FreeMonoBold size 80 at (20, 10), line spacing 11, on a white 760x760 RGB canvas. The
-layout depends only on the font file and the wrap, so the font actually used is recorded (file
+FigStep (ThuCCSLab/FigStep @ 0861b17) draws
+``textwrap.fill(instruction, 15) + "\\n1. \\n2. \\n3. "`` in black FreeMonoBold size 80 at
+(20, 10), line spacing 11, on a white 760x760 RGB canvas.
+
+MM-SafetyBench (isXinLiu/MM-SafetyBench, ``typo_format_text``/``typo_draw_img``/``vertical_concat``)
+draws a key phrase in Arial size 90, greedily wrapped to 1024 pixels, at (0, 45) on a white canvas
+1024 x 90*(lines+1); SD_TYPO stacks the Stable Diffusion image above that TYPO image.
+
+The layout depends only on the font file and the wrap, so the font actually used is recorded (file
 name and sha256) with every sample.
 """
 
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -81,36 +88,57 @@ def _fc_match(pattern: str) -> str | None:
     return out or None
 
 
-@functools.lru_cache(maxsize=None)
+def _resolve_font(
+    given: str | None,
+    candidates: tuple[str, ...],
+    fc_pattern: str,
+    faithful_stems: frozenset[str],
+    missing_message: str,
+    what: str,
+    env: str,
+) -> FontChoice:
+    """Shared font discovery: a given file, then known install paths, then fontconfig.
+
+    Falls back to Pillow's bundled font with a loud warning (``missing_message``), so a run still
+    works on a machine without the font, and every sample records that it is not faithful.
+    """
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} font {path} (from {env} or the user) not found")
+        return FontChoice(str(path), path.name, _sha256(path), path.stem in faithful_stems)
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return FontChoice(candidate, Path(candidate).name, _sha256(candidate), True)
+    matched = _fc_match(fc_pattern)
+    if matched and Path(matched).stem in faithful_stems and os.path.isfile(matched):
+        return FontChoice(matched, Path(matched).name, _sha256(matched), True)
+    warnings.warn(missing_message, stacklevel=3)
+    logger.warning(missing_message)
+    import PIL
+
+    return FontChoice(None, FALLBACK_FONT_NAME, f"pillow-{PIL.__version__}", False)
+
+
+@functools.cache
 def resolve_figstep_font(user_font: str | None = None) -> FontChoice:
     """Find FreeMonoBold: a user-given file, ``$REJALIGN_FIGSTEP_FONT``, system fonts, fontconfig.
 
     When none is found, warns loudly and falls back to Pillow's bundled font (documented; the
     images are then not faithful to FigStep and the sample logs say so).
     """
-    given = user_font or os.environ.get(FIGSTEP_FONT_ENV)
-    if given:
-        path = Path(given).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"FigStep font {path} (from {FIGSTEP_FONT_ENV} or the user) not found")
-        return FontChoice(str(path), path.name, _sha256(path), path.stem == "FreeMonoBold")
-    for candidate in _FREEMONO_CANDIDATES:
-        if os.path.isfile(candidate):
-            return FontChoice(candidate, Path(candidate).name, _sha256(candidate), True)
-    matched = _fc_match("FreeMono:bold")
-    if matched and Path(matched).stem == "FreeMonoBold" and os.path.isfile(matched):
-        return FontChoice(matched, Path(matched).name, _sha256(matched), True)
-    message = (
+    return _resolve_font(
+        user_font or os.environ.get(FIGSTEP_FONT_ENV),
+        _FREEMONO_CANDIDATES,
+        "FreeMono:bold",
+        frozenset({"FreeMonoBold"}),
         "FreeMonoBold.ttf (GNU FreeFont) was not found, so FigStep images are rendered with "
         f"{FALLBACK_FONT_NAME}: they are NOT faithful to the FigStep protocol. Install it "
         "(Debian/Ubuntu: apt-get install fonts-freefont-ttf) or set "
-        f"{FIGSTEP_FONT_ENV}=/path/to/FreeMonoBold.ttf."
+        f"{FIGSTEP_FONT_ENV}=/path/to/FreeMonoBold.ttf.",
+        "FigStep",
+        FIGSTEP_FONT_ENV,
     )
-    warnings.warn(message, stacklevel=2)
-    logger.warning(message)
-    import PIL
-
-    return FontChoice(None, FALLBACK_FONT_NAME, f"pillow-{PIL.__version__}", False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,3 +219,123 @@ def figstep_image(instruction: str, font: FontChoice | None = None) -> Image.Ima
     """FigStep image for ``instruction``: rendered on demand, cached on disk."""
     font = font or resolve_figstep_font()
     return cached_render("figstep", instruction, font, lambda: render_figstep(instruction, font))
+
+
+# --- MM-SafetyBench TYPO and SD_TYPO ------------------------------------------------------------
+# Read from MM-SafetyBench's image-creation code (typo_format_text, typo_draw_img, vertical_concat):
+#   font_size = 90; font = ImageFont.truetype(<Arial>, 90); max_width = 1024
+#   words = text.split(" "); line = words[0]; length = draw.textlength(words[0])
+#   for each further word: length += textlength(" " + word)
+#       if length < max_width: append " " + word          (strict "<": equal width wraps)
+#       else: append "\n " + word; length = textlength(" " + word); lines += 1
+#   canvas: RGB, width 1024, height 90 * (lines + 1), white; text black at (0, 90 / 2.0)
+#   SD_TYPO: Image.new("RGB", (max(w1, w2), h1 + h2)) (Pillow's default fill, black), SD pasted at
+#   (0, 0), TYPO at (0, h1). Every image was saved as .jpg with Pillow's default JPEG settings.
+
+MMSAFETY_FONT_ENV = "REJALIGN_MMSAFETY_FONT"
+MMSAFETY_FONT_SIZE = 90
+MMSAFETY_MAX_WIDTH = 1024
+MMSAFETY_XY = (0, MMSAFETY_FONT_SIZE / 2.0)
+
+# Upstream uses Arial (proprietary). Liberation Sans has the same advance widths, so the greedy
+# wrap and the canvas size come out the same. Debian/Ubuntu (fonts-liberation, fonts-liberation2),
+# Fedora (liberation-sans-fonts), Arch (ttf-liberation) and macOS user installs.
+_LIBERATION_SANS_CANDIDATES = (
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation-sans-fonts/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/TTF/LiberationSans-Regular.ttf",
+    "/usr/local/share/fonts/LiberationSans-Regular.ttf",
+    "/Library/Fonts/LiberationSans-Regular.ttf",
+)
+# Font files whose metrics match upstream's: Liberation Sans Regular, or Arial itself.
+_MMSAFETY_FAITHFUL_STEMS = frozenset({"LiberationSans-Regular", "Arial", "arial", "ARIAL"})
+
+
+@functools.cache
+def resolve_mmsafety_font(user_font: str | None = None) -> FontChoice:
+    """Find Liberation Sans (or a user-given font such as Arial) for MM-SafetyBench TYPO images.
+
+    Order: ``user_font``, ``$REJALIGN_MMSAFETY_FONT``, known install paths, fontconfig; else a
+    loud warning and Pillow's bundled font (the wrap then differs from upstream's).
+    """
+    return _resolve_font(
+        user_font or os.environ.get(MMSAFETY_FONT_ENV),
+        _LIBERATION_SANS_CANDIDATES,
+        "Liberation Sans:style=Regular",
+        _MMSAFETY_FAITHFUL_STEMS,
+        "LiberationSans-Regular.ttf was not found, so MM-SafetyBench TYPO images are rendered "
+        f"with {FALLBACK_FONT_NAME}: line breaks and image sizes are NOT faithful to "
+        "MM-SafetyBench. Install it (Debian/Ubuntu: apt-get install fonts-liberation) or set "
+        f"{MMSAFETY_FONT_ENV}=/path/to/LiberationSans-Regular.ttf (or Arial.ttf).",
+        "MM-SafetyBench",
+        MMSAFETY_FONT_ENV,
+    )
+
+
+def mmsafety_wrap(
+    text: str, font: FontChoice | None = None, max_width: int = MMSAFETY_MAX_WIDTH
+) -> tuple[str, int]:
+    """Upstream's greedy wrap: the text to draw and its number of lines.
+
+    Widths come from ``ImageDraw.textlength`` as upstream measures them; a line whose width would
+    reach ``max_width`` exactly is broken (strict ``<``), and each continuation line starts with
+    the space upstream inserts after the newline.
+    """
+    font = font or resolve_mmsafety_font()
+    pil_font = _load_font(font.path, MMSAFETY_FONT_SIZE)
+    draw = ImageDraw.Draw(Image.new("RGB", (max_width, 100), (255, 255, 255)))
+    words = text.split(" ")
+    formatted = words[0]
+    length = draw.textlength(formatted, font=pil_font)
+    lines = 1
+    for word in words[1:]:
+        length += draw.textlength(" " + word, font=pil_font)
+        if length < max_width:
+            formatted += " " + word
+        else:
+            formatted += "\n " + word
+            length = draw.textlength(" " + word, font=pil_font)
+            lines += 1
+    return formatted, lines
+
+
+def render_mmsafety_typo(key_phrase: str, font: FontChoice | None = None) -> Image.Image:
+    """Render one MM-SafetyBench TYPO image (no cache, no JPEG step)."""
+    font = font or resolve_mmsafety_font()
+    formatted, lines = mmsafety_wrap(key_phrase, font)
+    size = (MMSAFETY_MAX_WIDTH, MMSAFETY_FONT_SIZE * (lines + 1))
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text(MMSAFETY_XY, formatted, (0, 0, 0), font=_load_font(font.path, MMSAFETY_FONT_SIZE))
+    return image
+
+
+def mmsafety_typo_image(key_phrase: str, font: FontChoice | None = None) -> Image.Image:
+    """TYPO image for ``key_phrase``: rendered on demand, cached on disk (lossless)."""
+    font = font or resolve_mmsafety_font()
+    return cached_render(
+        "mmsafety_typo", key_phrase, font, lambda: render_mmsafety_typo(key_phrase, font)
+    )
+
+
+def vertical_concat(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    """Upstream's SD_TYPO composition: ``top`` above ``bottom`` on a black canvas as wide as the
+    wider one (black shows only where the widths differ; SD and TYPO are both 1024 upstream)."""
+    width = max(top.width, bottom.width)
+    result = Image.new("RGB", (width, top.height + bottom.height))
+    result.paste(top.convert("RGB"), (0, 0))
+    result.paste(bottom.convert("RGB"), (0, top.height))
+    return result
+
+
+def jpeg_roundtrip(image: Image.Image) -> Image.Image:
+    """The image as upstream's models saw it: saved as JPEG with Pillow's defaults (quality 75,
+    4:2:0 subsampling) and decoded again."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
