@@ -6,7 +6,8 @@ start-up; it registers a meta-path finder that waits, at no cost, until ``lm_eva
 is imported, then wraps ``TaskManager.__init__`` so that the task folders registered in the
 ``lm_eval.tasks`` entry-point group (the group lm-eval is adding upstream; rejalign registers its
 own) are appended to ``include_path``. When lm-eval gains native entry-point discovery the hook
-steps aside. Set ``REJALIGN_NO_AUTOLOAD=1`` to disable it.
+steps aside. The same finder applies :mod:`rejalign_tasks.vllm_compat`'s fixes to lm-eval's vLLM
+backends as they load. Set ``REJALIGN_NO_AUTOLOAD=1`` to disable it all.
 """
 
 from __future__ import annotations
@@ -16,8 +17,28 @@ import importlib.machinery
 import os
 import sys
 
-_TARGET = "lm_eval.tasks.manager"
 _GROUP = "lm_eval.tasks"
+_VLLM_COMPAT = "rejalign_tasks.vllm_compat"
+
+# module -> (function executing it with its original loader, function patching it when it was
+# already imported before the hook was installed). Names, so nothing is imported until needed.
+_HOOKS: dict[str, tuple[str, str | None]] = {
+    "lm_eval.tasks.manager": (f"{__name__}:exec_task_manager", f"{__name__}:patch_task_manager"),
+    "lm_eval.models.vllm_vlms": (f"{_VLLM_COMPAT}:exec_vllm_vlms", None),
+    "lm_eval.models.vllm_causallms": (
+        f"{_VLLM_COMPAT}:exec_vllm_causallms",
+        f"{_VLLM_COMPAT}:patch_vllm_causallms",
+    ),
+    "lm_eval.config.evaluate_config": (
+        f"{_VLLM_COMPAT}:exec_evaluate_config",
+        f"{_VLLM_COMPAT}:patch_evaluate_config",
+    ),
+}
+
+
+def _resolve(name: str):
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def registered_task_dirs() -> list[str]:
@@ -31,7 +52,9 @@ def registered_task_dirs() -> list[str]:
             path = obj() if callable(obj) else obj
             dirs.append(str(path))
         except Exception as exc:  # a broken third-party plugin must not break lm-eval
-            print(f"rejalign: ignoring lm_eval.tasks entry point {ep.name!r}: {exc}", file=sys.stderr)
+            print(
+                f"rejalign: ignoring lm_eval.tasks entry point {ep.name!r}: {exc}", file=sys.stderr
+            )
     from rejalign_tasks import task_configs_dir
 
     own = str(task_configs_dir())
@@ -65,28 +88,36 @@ def patch_task_manager(module) -> None:
     cls.__init__ = __init__
 
 
+def exec_task_manager(loader, module) -> None:
+    loader.exec_module(module)
+    patch_task_manager(module)
+
+
 class _Loader(importlib.abc.Loader):
-    def __init__(self, wrapped: importlib.abc.Loader):
+    def __init__(self, wrapped: importlib.abc.Loader, hook: str):
         self._wrapped = wrapped
+        self._hook = hook
 
     def create_module(self, spec):
         return self._wrapped.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self._wrapped.exec_module(module)
-        patch_task_manager(module)
+        _resolve(self._hook)(self._wrapped, module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: as the original loader
+        return getattr(self._wrapped, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in _HOOKS:
             return None
         for finder in sys.meta_path:
             if finder is self:
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader)
+                spec.loader = _Loader(spec.loader, _HOOKS[fullname][0])
                 return spec
         return None
 
@@ -94,9 +125,10 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if os.environ.get("REJALIGN_NO_AUTOLOAD"):
         return
-    if _TARGET in sys.modules:
-        patch_task_manager(sys.modules[_TARGET])
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    for name, (_, patch) in _HOOKS.items():
+        if name in sys.modules and patch is not None:
+            _resolve(patch)(sys.modules[name])
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 
