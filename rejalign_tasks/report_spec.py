@@ -1,0 +1,150 @@
+"""What the paper-style report shows: sections of columns, each one task metric.
+
+A column names the lm-eval task(s) it reads (alternatives in order of preference, e.g. the full
+benchmark and its tiny version), the metric, and its role in the plots. A column appears when at
+least one model was evaluated on one of its tasks; every model in the report must then have it
+(the report never fills a gap silently). Users can replace the default spec with a YAML file of
+the same shape (``rejalign-report table --spec FILE``)::
+
+    sections:
+      - key: main
+        title: Safety and utility
+        columns:
+          - header: FigStep ASR (%)
+            tasks: [rejalign_figstep, rejalign_figstep_tiny]
+            metric: asr
+            role: safety          # safety | over_refusal | utility | (empty)
+            higher_is_better: false
+            scale: 100            # shown value = metric x scale
+            digits: 1
+            filter: none
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rejalign_tasks.figstep import TOPICS
+from rejalign_tasks.metrics import slug
+
+ROLES = ("safety", "over_refusal", "utility", "")
+
+
+class SpecError(ValueError):
+    """A table spec is malformed; the message names the file, section, column and field."""
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    tasks: tuple[str, ...]
+    metric: str
+    role: str = ""
+    higher_is_better: bool = False
+    scale: float = 100.0
+    digits: int = 1
+    filter: str = "none"
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str  # also the CSV file name: table_<key>.csv
+    title: str
+    columns: tuple[Column, ...]
+
+
+FIGSTEP_TASKS = ("rejalign_figstep", "rejalign_figstep_tiny")
+
+
+def _figstep_topics() -> Section:
+    return Section(
+        "figstep_topics",
+        "FigStep ASR (%) per SafeBench topic",
+        (
+            Column("All", FIGSTEP_TASKS, "asr"),
+            *(Column(name, FIGSTEP_TASKS, f"asr_{slug(name)}") for name in TOPICS.values()),
+        ),
+    )
+
+
+def default_spec() -> tuple[Section, ...]:
+    """The paper's table: headline safety, over-refusal and utility, then per-category detail."""
+    main = Section(
+        "main",
+        "Safety, over-refusal and utility",
+        (
+            Column("FigStep ASR (%)", FIGSTEP_TASKS, "asr", role="safety"),
+            Column("FigStep text-only ASR (%)", ("rejalign_figstep_text",), "asr", role="safety"),
+        ),
+    )
+    return (main, _figstep_topics())
+
+
+def load_spec(path: str | Path) -> tuple[Section, ...]:
+    """Read a YAML (or JSON) spec; errors name the file, the section, the column and the field."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot open ({exc})") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("sections"), list):
+        raise SpecError(f"{path}: expected a mapping with a 'sections' list")
+    known = {f.name for f in fields(Column)}
+    sections = []
+    for i, raw in enumerate(data["sections"], start=1):
+        where = f"{path}: section {i}"
+        if not isinstance(raw, dict):
+            raise SpecError(f"{where}: expected a mapping")
+        for key in ("key", "title", "columns"):
+            if key not in raw:
+                raise SpecError(f"{where}: missing field {key!r}")
+        where = f"{path}: section {raw['key']!r}"
+        if not isinstance(raw["columns"], list) or not raw["columns"]:
+            raise SpecError(f"{where}: 'columns' must be a non-empty list")
+        columns = []
+        for j, col in enumerate(raw["columns"], start=1):
+            cwhere = f"{where}, column {j}"
+            if not isinstance(col, dict):
+                raise SpecError(f"{cwhere}: expected a mapping")
+            unknown = set(col) - known
+            if unknown:
+                raise SpecError(f"{cwhere}: unknown field(s) {', '.join(sorted(unknown))}")
+            for key in ("header", "tasks", "metric"):
+                if key not in col:
+                    raise SpecError(f"{cwhere}: missing field {key!r}")
+            columns.append(_column(col, cwhere))
+        sections.append(Section(str(raw["key"]), str(raw["title"]), tuple(columns)))
+    keys = [s.key for s in sections]
+    if len(set(keys)) != len(keys):
+        raise SpecError(f"{path}: section keys must be unique (got {keys})")
+    return tuple(sections)
+
+
+def _column(col: dict[str, Any], where: str) -> Column:
+    tasks = col["tasks"]
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise SpecError(f"{where}: field 'tasks' must be a task name or a list of them")
+    role = col.get("role") or ""
+    if role not in ROLES:
+        raise SpecError(f"{where}: field 'role' is {role!r}; expected one of {ROLES}")
+    try:
+        return Column(
+            header=str(col["header"]),
+            tasks=tuple(tasks),
+            metric=str(col["metric"]),
+            role=role,
+            higher_is_better=bool(col.get("higher_is_better", False)),
+            scale=float(col.get("scale", 100.0)),
+            digits=int(col.get("digits", 1)),
+            filter=str(col.get("filter", "none")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {exc}") from exc
