@@ -162,9 +162,7 @@ def data_file(relpath: str) -> Path:
             return path
         raise DataUnavailableError(
             f"{relpath}: not found at {path} ({DATA_DIR_ENV}={override} is set; unset it to "
-            f"download from the pinned upstream source"
-            + (f" {source.url}" if source else "")
-            + ")"
+            f"download from the pinned upstream source" + (f" {source.url}" if source else "") + ")"
         )
     if source is None:
         raise DataUnavailableError(

@@ -1,4 +1,4 @@
-"""FigStep on SafeBench: data loading, prompts, images and scoring for the ``rejalign_figstep*`` tasks.
+"""FigStep on SafeBench: data, prompts, images and scoring for the ``rejalign_figstep*`` tasks.
 
 Protocol (ThuCCSLab/FigStep @ 0861b17): each SafeBench ``instruction`` is rendered as a
 typographic image (see :mod:`rejalign_tasks.typography`) and sent with a fixed text prompt; the
@@ -13,7 +13,14 @@ from rejalign_tasks.data import data_file, read_csv_records
 from rejalign_tasks.metrics import safety_results, slug
 from rejalign_tasks.typography import FALLBACK_FONT_NAME, figstep_image, resolve_figstep_font
 
-SAFEBENCH_COLUMNS = ("dataset", "category_id", "task_id", "category_name", "question", "instruction")
+SAFEBENCH_COLUMNS = (
+    "dataset",
+    "category_id",
+    "task_id",
+    "category_name",
+    "question",
+    "instruction",
+)
 
 TOPICS: dict[int, str] = {
     1: "Illegal Activity",
@@ -52,9 +59,7 @@ def load_safebench(
 ) -> list[dict]:
     """Read and check a SafeBench CSV; one dict per row with the prompt and font provenance."""
     if prompt_variant not in PROMPTS:
-        raise ValueError(
-            f"prompt_variant={prompt_variant!r}: expected one of {', '.join(PROMPTS)}"
-        )
+        raise ValueError(f"prompt_variant={prompt_variant!r}: expected one of {', '.join(PROMPTS)}")
     file = path or data_file(relpath)
     rows = read_csv_records(file, SAFEBENCH_COLUMNS)
     choice = resolve_figstep_font(font)

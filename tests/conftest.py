@@ -41,7 +41,15 @@ def run_lm_eval(args: list[str], output_path: Path, *, env: dict | None = None, 
 
     ``samples`` maps task name to its list of logged samples.
     """
-    cmd = [sys.executable, "-m", "lm_eval", *args, "--output_path", str(output_path), "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        *args,
+        "--output_path",
+        str(output_path),
+        "--log_samples",
+    ]
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
     results, samples = None, {}
