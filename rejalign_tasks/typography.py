@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import textwrap
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 logger = logging.getLogger(__name__)
 
 FIGSTEP_FONT_ENV = "REJALIGN_FIGSTEP_FONT"
-RENDER_CACHE_ENV = "REJALIGN_RENDER_CACHE"  # a folder, or "0" to disable the disk cache
+RENDER_CACHE_ENV = "REJALIGN_RENDER_CACHE"  # a folder: also keep renders on disk (opt-in)
 
 FIGSTEP_SIZE = (760, 760)
 FIGSTEP_FONT_SIZE = 80
@@ -169,14 +170,11 @@ def render_figstep(instruction: str, font: FontChoice | None = None) -> Image.Im
 
 
 def _cache_dir() -> Path | None:
+    """The opt-in on-disk render cache (``$REJALIGN_RENDER_CACHE``), or None."""
     setting = os.environ.get(RENDER_CACHE_ENV)
-    if setting == "0":
+    if not setting or setting == "0":
         return None
-    if setting:
-        return Path(setting).expanduser()
-    from rejalign_tasks.data import cache_root
-
-    return cache_root() / "renders"
+    return Path(setting).expanduser()
 
 
 def render_key(kind: str, text: str, font: FontChoice) -> str:
@@ -188,35 +186,60 @@ def render_key(kind: str, text: str, font: FontChoice) -> str:
 
 
 def cached_render(kind: str, text: str, font: FontChoice, render) -> Image.Image:
-    """Return ``render()``'s image, from the on-disk PNG cache when present.
+    """Return ``render()``'s image, from the in-memory cache or the opt-in disk cache.
 
-    PNG is lossless, so a cached image is pixel-identical to a fresh render. Writes are atomic
-    (temporary file + rename), so a crash never leaves a truncated PNG behind.
+    Rendering on demand is the default because it is cheap: benchmarks/render.py measures a FigStep
+    render at about half the time of decoding the same image from a PNG file. An in-process LRU
+    (``REJALIGN_RENDER_MEMORY_CACHE`` entries, default 64) serves repeats, e.g. a TYPO image reused
+    for SD_TYPO. Setting ``REJALIGN_RENDER_CACHE`` to a folder also keeps lossless PNGs there
+    (written atomically: temporary file + rename), for renderers slower than the file read.
     """
-    folder = _cache_dir()
-    if folder is None:
-        return render()
     key = render_key(kind, text, font)
-    path = folder / kind / key[:2] / f"{key}.png"
-    if path.is_file():
+    hit = _MEMORY_CACHE.get(key)
+    if hit is not None:
+        _MEMORY_CACHE.move_to_end(key)
+        return hit.copy()
+    folder = _cache_dir()
+    image = None
+    path = folder / kind / key[:2] / f"{key}.png" if folder else None
+    if path is not None and path.is_file():
         try:
             with Image.open(path) as cached:
-                return cached.convert("RGB")
+                image = cached.convert("RGB")
         except OSError:
             logger.warning("ignoring unreadable cached render %s", path)
-    image = render()
+    if image is None:
+        image = render()
+        if path is not None:
+            _write_png(image, path)
+    _remember(key, image)
+    return image
+
+
+_MEMORY_CACHE: OrderedDict[str, Image.Image] = OrderedDict()
+
+
+def _remember(key: str, image: Image.Image) -> None:
+    limit = int(os.environ.get("REJALIGN_RENDER_MEMORY_CACHE", "64"))
+    if limit <= 0:
+        return
+    _MEMORY_CACHE[key] = image.copy()
+    while len(_MEMORY_CACHE) > limit:
+        _MEMORY_CACHE.popitem(last=False)
+
+
+def _write_png(image: Image.Image, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             image.save(tmp, format="PNG", compress_level=1)
         os.replace(tmp.name, path)
     except OSError as exc:  # a read-only cache must not stop an evaluation
-        logger.warning("render cache %s not writable: %s", folder, exc)
-    return image
+        logger.warning("render cache %s not writable: %s", path.parent, exc)
 
 
 def figstep_image(instruction: str, font: FontChoice | None = None) -> Image.Image:
-    """FigStep image for ``instruction``: rendered on demand, cached on disk."""
+    """FigStep image for ``instruction``: rendered on demand, cached (see ``cached_render``)."""
     font = font or resolve_figstep_font()
     return cached_render("figstep", instruction, font, lambda: render_figstep(instruction, font))
 
@@ -276,7 +299,7 @@ def resolve_mmsafety_font(user_font: str | None = None) -> FontChoice:
 
 
 def mmsafety_wrap(
-    text: str, font: FontChoice | None = None, max_width: int = MMSAFETY_MAX_WIDTH
+    text: str, font: FontChoice | None = None, max_width: float = MMSAFETY_MAX_WIDTH
 ) -> tuple[str, int]:
     """Upstream's greedy wrap: the text to draw and its number of lines.
 
@@ -286,7 +309,8 @@ def mmsafety_wrap(
     """
     font = font or resolve_mmsafety_font()
     pil_font = _load_font(font.path, MMSAFETY_FONT_SIZE)
-    draw = ImageDraw.Draw(Image.new("RGB", (max_width, 100), (255, 255, 255)))
+    # Upstream measures on a scratch RGB canvas; its size does not affect textlength.
+    draw = ImageDraw.Draw(Image.new("RGB", (MMSAFETY_MAX_WIDTH, 100), (255, 255, 255)))
     words = text.split(" ")
     formatted = words[0]
     length = draw.textlength(formatted, font=pil_font)
@@ -314,7 +338,7 @@ def render_mmsafety_typo(key_phrase: str, font: FontChoice | None = None) -> Ima
 
 
 def mmsafety_typo_image(key_phrase: str, font: FontChoice | None = None) -> Image.Image:
-    """TYPO image for ``key_phrase``: rendered on demand, cached on disk (lossless)."""
+    """TYPO image for ``key_phrase``: rendered on demand, cached (see ``cached_render``)."""
     font = font or resolve_mmsafety_font()
     return cached_render(
         "mmsafety_typo", key_phrase, font, lambda: render_mmsafety_typo(key_phrase, font)

@@ -91,15 +91,21 @@ def test_render_is_deterministic_and_cache_is_lossless(tmp_path, monkeypatch):
     first = figstep_image("Methods to test a cache.")  # renders and writes the PNG
     cached = list(tmp_path.rglob("*.png"))
     assert len(cached) == 1 and not list(tmp_path.rglob("*.tmp"))
+    typography._MEMORY_CACHE.clear()
     second = figstep_image("Methods to test a cache.")  # read back from disk
     assert np.array_equal(np.asarray(fresh), np.asarray(first))
     assert np.array_equal(np.asarray(first), np.asarray(second))
 
 
-def test_cache_can_be_disabled(tmp_path, monkeypatch):
-    monkeypatch.setenv(typography.RENDER_CACHE_ENV, "0")
-    figstep_image("No cache please.")
+def test_disk_cache_is_opt_in_and_memory_cache_serves_repeats(tmp_path, monkeypatch):
+    monkeypatch.delenv(typography.RENDER_CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    first = figstep_image("No disk cache please.")
     assert not list(tmp_path.rglob("*.png"))
+    first.paste((0, 0, 0), (0, 0, 760, 760))  # a caller mutating its copy ...
+    again = figstep_image("No disk cache please.")  # ... does not corrupt the cache
+    assert np.array_equal(np.asarray(again), np.asarray(render_figstep("No disk cache please.")))
 
 
 def test_missing_font_warns_loudly_and_uses_documented_fallback(monkeypatch):
