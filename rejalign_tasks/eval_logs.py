@@ -338,9 +338,7 @@ def parse_input(spec: str) -> tuple[str | None, Path]:
     return None, Path(spec)
 
 
-def load_models(
-    inputs: Sequence[str], adapter_roots: Iterable[Path] = ()
-) -> list[ModelRuns]:
+def load_models(inputs: Sequence[str], adapter_roots: Iterable[Path] = ()) -> list[ModelRuns]:
     """Group every run under ``inputs`` (``PATH`` or ``LABEL=PATH``) into one entry per model.
 
     ``LABEL=PATH`` names the one model evaluated under PATH; it is an error if PATH holds runs of

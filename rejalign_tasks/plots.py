@@ -49,15 +49,24 @@ def asr_vs_refusal_fraction(series: dict[str, Sequence[Point]], stem: Path) -> l
         colour = colours[i % len(colours)]
         placed = sorted((p for p in points if p.x is not None), key=lambda p: p.x)
         if placed:
-            ax.plot(
-                [p.x for p in placed], [p.y for p in placed], "o-", color=colour, label=name
-            )
+            ax.plot([p.x for p in placed], [p.y for p in placed], "o-", color=colour, label=name)
             for p in placed:
-                ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=colour)
+                ax.annotate(
+                    p.label,
+                    (p.x, p.y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=colour,
+                )
         for j, p in enumerate(q for q in points if q.x is None):
-            ax.axhline(p.y, color=colour, linestyle=("--", ":", "-.")[j % 3], linewidth=1,
-                       label=f"{name}: {p.label} (no refusal fraction)")
+            ax.axhline(
+                p.y,
+                color=colour,
+                linestyle=("--", ":", "-.")[j % 3],
+                linewidth=1,
+                label=f"{name}: {p.label} (no refusal fraction)",
+            )
     ax.set_xlabel("refusal fraction of the training data")
     ax.set_ylabel("attack success rate (%)")
     ax.set_xlim(-0.05, 1.05)
@@ -87,17 +96,24 @@ def safety_tradeoffs(y_name: str, panels: Sequence[Panel], stem: Path) -> list[P
         pts = [p for p in panel.points if p.x is not None]
         front = pareto_front([(p.x, p.y) for p in pts], (panel.x_higher_is_better, False))
         for p, on in zip(pts, front, strict=True):
-            ax.scatter([p.x], [p.y], s=36, color="C0", facecolors="C0" if on else "none",
-                       zorder=3)
-            ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.scatter([p.x], [p.y], s=36, color="C0", facecolors="C0" if on else "none", zorder=3)
+            ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         best = sorted((p for p, on in zip(pts, front, strict=True) if on), key=lambda p: p.x)
         if len(best) > 1:
-            ax.step([p.x for p in best], [p.y for p in best], where="post", color="C1",
-                    label="Pareto front")
+            # The outline of the region the front dominates: it turns at each front point.
+            where = "pre" if panel.x_higher_is_better else "post"
+            ax.step(
+                [p.x for p in best],
+                [p.y for p in best],
+                where=where,
+                color="C1",
+                label="Pareto front",
+            )
             ax.legend(fontsize=7, loc="best")
-        ax.set_xlabel(panel.x_name + (" (higher is better)" if panel.x_higher_is_better
-                                      else " (lower is better)"))
+        ax.set_xlabel(
+            panel.x_name
+            + (" (higher is better)" if panel.x_higher_is_better else " (lower is better)")
+        )
         ax.set_ylabel(y_name + " (lower is better)")
         ax.grid(alpha=0.3)
     fig.suptitle("Safety against utility and over-refusal (filled: Pareto-optimal)")

@@ -220,8 +220,14 @@ def table_csv(table: Table) -> str:
             ok = cell.status == "ok"
             values.append(repr(cell.value * rc.column.scale) if ok else cell.status)
         w.writerow(
-            [row.label, row.backend, row.pretrained, row.adapter or "",
-             "" if f is None else repr(f), str(_row_limited(table, row)).lower()]
+            [
+                row.label,
+                row.backend,
+                row.pretrained,
+                row.adapter or "",
+                "" if f is None else repr(f),
+                str(_row_limited(table, row)).lower(),
+            ]
             + values
         )
     return buf.getvalue()
@@ -232,8 +238,22 @@ def cells_csv(tables: Sequence[Table]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
-        ["section", "model", "column", "task", "metric", "filter", "status", "value", "n",
-         "stderr", "n_prompts", "n_prompts_in_task", "results_file", "samples_file"]
+        [
+            "section",
+            "model",
+            "column",
+            "task",
+            "metric",
+            "filter",
+            "status",
+            "value",
+            "n",
+            "stderr",
+            "n_prompts",
+            "n_prompts_in_task",
+            "results_file",
+            "samples_file",
+        ]
     )
     for t in tables:
         for row in t.rows:
@@ -241,13 +261,22 @@ def cells_csv(tables: Sequence[Table]) -> str:
                 c = t.cell(row, j)
                 run = c.run
                 w.writerow(
-                    [t.section.key, row.label, rc.column.header, rc.task, rc.column.metric,
-                     rc.column.filter, c.status, "" if c.status != "ok" else repr(c.value),
-                     c.n, "" if c.stderr is None else repr(c.stderr),
-                     "" if run is None else run.n_effective,
-                     "" if run is None else run.n_original,
-                     "" if run is None else str(run.results_file),
-                     "" if run is None else str(run.samples_file)]
+                    [
+                        t.section.key,
+                        row.label,
+                        rc.column.header,
+                        rc.task,
+                        rc.column.metric,
+                        rc.column.filter,
+                        c.status,
+                        "" if c.status != "ok" else repr(c.value),
+                        c.n,
+                        "" if c.stderr is None else repr(c.stderr),
+                        "" if run is None else run.n_effective,
+                        "" if run is None else run.n_original,
+                        "" if run is None else str(run.results_file),
+                        "" if run is None else str(run.samples_file),
+                    ]
                 )
     return buf.getvalue()
 
@@ -309,11 +338,24 @@ def baseline_comparisons(
                 if row.label == baseline or base is None or other is None:
                     continue
                 result, differs = compare_runs(
-                    base, other, rc.column.metric, rc.column.filter, resamples=resamples,
+                    base,
+                    other,
+                    rc.column.metric,
+                    rc.column.filter,
+                    resamples=resamples,
                     seed=seed,
                 )
-                out.append(ComparisonRow(baseline, row.label, rc.column.header, rc.task,
-                                         rc.column.metric, result, differs))
+                out.append(
+                    ComparisonRow(
+                        baseline,
+                        row.label,
+                        rc.column.header,
+                        rc.task,
+                        rc.column.metric,
+                        result,
+                        differs,
+                    )
+                )
     return out
 
 
@@ -323,7 +365,7 @@ def _pct(x: float) -> str:
 
 def comparisons_markdown(rows: Sequence[ComparisonRow]) -> str:
     lines = [
-        "| Model | Column | Baseline | Model rate | Change (pp) | 95% CI (pp) | Discordant "
+        "| Model | Column | Baseline (%) | Model (%) | Change (pp) | 95% CI (pp) | Discordant "
         "(base only / model only) | McNemar exact p | Prompts |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -342,15 +384,52 @@ def comparisons_markdown(rows: Sequence[ComparisonRow]) -> str:
 def comparisons_csv(rows: Sequence[ComparisonRow]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["baseline", "model", "column", "task", "metric", "n", "rate_baseline",
-                "rate_model", "delta", "ci_low", "ci_high", "confidence", "only_baseline",
-                "only_model", "mcnemar_p", "resamples", "seed", "prompt_text_differs"])
+    w.writerow(
+        [
+            "baseline",
+            "model",
+            "column",
+            "task",
+            "metric",
+            "n",
+            "rate_baseline",
+            "rate_model",
+            "delta",
+            "ci_low",
+            "ci_high",
+            "confidence",
+            "only_baseline",
+            "only_model",
+            "mcnemar_p",
+            "resamples",
+            "seed",
+            "prompt_text_differs",
+        ]
+    )
     for r in rows:
         c = r.result
-        w.writerow([r.baseline, r.model, r.column, r.task, r.metric, c.n, repr(c.rate_a),
-                    repr(c.rate_b), repr(c.delta), repr(c.ci_low), repr(c.ci_high),
-                    c.confidence, _blank(c.only_a), _blank(c.only_b), _blank(c.p_value),
-                    c.resamples, c.seed, r.prompt_text_differs])
+        w.writerow(
+            [
+                r.baseline,
+                r.model,
+                r.column,
+                r.task,
+                r.metric,
+                c.n,
+                repr(c.rate_a),
+                repr(c.rate_b),
+                repr(c.delta),
+                repr(c.ci_low),
+                repr(c.ci_high),
+                c.confidence,
+                _blank(c.only_a),
+                _blank(c.only_b),
+                _blank(c.p_value),
+                c.resamples,
+                c.seed,
+                r.prompt_text_differs,
+            ]
+        )
     return buf.getvalue()
 
 
@@ -365,8 +444,11 @@ def make_plots(tables: Sequence[Table], out_dir: Path) -> tuple[list[Path], list
     """Draw the figures the data allow; return the files and a note for each figure not drawn."""
     from rejalign_tasks.plots import Panel, Point, asr_vs_refusal_fraction, safety_tradeoffs
 
-    role_cols: dict[str, list[tuple[Table, int]]] = {"safety": [], "utility": [],
-                                                     "over_refusal": []}
+    role_cols: dict[str, list[tuple[Table, int]]] = {
+        "safety": [],
+        "utility": [],
+        "over_refusal": [],
+    }
     seen = set()
     for t in tables:
         for j, rc in enumerate(t.columns):
@@ -390,8 +472,10 @@ def make_plots(tables: Sequence[Table], out_dir: Path) -> tuple[list[Path], list
         notes.append("No figure: no safety (ASR) column in the report.")
         return files, notes
     if any(r.refusal_fraction is not None for r in rows):
-        series = {t.columns[j].column.header: points(t, j, lambda r: r.refusal_fraction)
-                  for t, j in role_cols["safety"]}
+        series = {
+            t.columns[j].column.header: points(t, j, lambda r: r.refusal_fraction)
+            for t, j in role_cols["safety"]
+        }
         files += asr_vs_refusal_fraction(series, out_dir / PLOT_STEMS[0])
         unknown = [r.label for r in rows if r.adapter is not None and r.refusal_fraction is None]
         if unknown:
@@ -410,8 +494,11 @@ def make_plots(tables: Sequence[Table], out_dir: Path) -> tuple[list[Path], list
     panels = []
     for t, j in role_cols["over_refusal"] + role_cols["utility"]:
         col = t.columns[j].column
-        pts = [Point(p.label, p.y, y_by_label[p.label])
-               for p in points(t, j, lambda r: 0.0) if p.label in y_by_label]
+        pts = [
+            Point(p.label, p.y, y_by_label[p.label])
+            for p in points(t, j, lambda r: 0.0)
+            if p.label in y_by_label
+        ]
         panels.append(Panel(col.header, col.higher_is_better, pts))
     if panels:
         files += safety_tradeoffs(y_name, panels, out_dir / PLOT_STEMS[1])
@@ -436,11 +523,13 @@ def render_report(
         by_task: dict[str, list[str]] = {}
         for rc in t.columns:
             by_task.setdefault(rc.task, []).append(f"`{rc.column.metric}`")
-        out.append("Source: " + "; ".join(
-            f"task `{task}`, metric(s) {', '.join(ms)}" for task, ms in by_task.items()) + ".")
+        out.append(
+            "Source: "
+            + "; ".join(f"task `{task}`, metric(s) {', '.join(ms)}" for task, ms in by_task.items())
+            + "."
+        )
         notes = []
-        if any(t.cell(r, j).status == NOT_AVAILABLE for r in t.rows
-               for j in range(len(t.columns))):
+        if any(t.cell(r, j).status == NOT_AVAILABLE for r in t.rows for j in range(len(t.columns))):
             notes.append(f"{NOT_AVAILABLE}: no evaluated prompt of that category (a --limit run).")
         if any(t.cell(r, j).status == MISSING for r in t.rows for j in range(len(t.columns))):
             notes.append(f"{MISSING}: the model was not evaluated on that task.")
@@ -450,18 +539,27 @@ def render_report(
     if comparisons:
         c0 = comparisons[0].result
         out += [
-            f"## Paired comparisons against {comparisons[0].baseline}", "",
+            f"## Paired comparisons against {comparisons[0].baseline}",
+            "",
             f"Change = model - baseline in percentage points on the same prompts; "
             f"{round(100 * c0.confidence)}% percentile bootstrap interval over prompts "
             f"({c0.resamples} resamples, seed {c0.seed}); exact McNemar test on the discordant "
-            "prompts.", "", comparisons_markdown(comparisons), "",
+            "prompts.",
+            "",
+            comparisons_markdown(comparisons),
+            "",
         ]
     if plot_files or plot_notes:
         out += ["## Figures", ""]
         out += [f"![{p.stem}]({p.name})" for p in plot_files if p.suffix == ".png"]
         out += [f"- {n}" for n in plot_notes] + [""]
-    out += ["## Inputs", "", "| Model | Backend | Base | Adapter | Refusal fraction (source) | "
-            "Task | Prompts | Results file |", "|---|---|---|---|---|---|---:|---|"]
+    out += [
+        "## Inputs",
+        "",
+        "| Model | Backend | Base | Adapter | Refusal fraction (source) | "
+        "Task | Prompts | Results file |",
+        "|---|---|---|---|---|---|---:|---|",
+    ]
     for m in models:
         frac = _fraction(m)
         if m.manifest_path is not None:
@@ -470,9 +568,20 @@ def render_report(
             frac += f" ({m.manifest_note})"
         for task, run in sorted(m.tasks.items()):
             n = f"{run.n_effective}/{run.n_original}" if run.n_original else str(run.n_effective)
-            out.append(f"| {_md_escape(m.label)} | {m.backend} | {_md_escape(m.pretrained)} | "
-                       f"{_md_escape(m.adapter or '-')} | {_md_escape(frac)} | {task} | {n} | "
-                       f"{run.results_file} |")
+            out.append(
+                f"| {_md_escape(m.label)} | {m.backend} | {_md_escape(m.pretrained)} | "
+                f"{_md_escape(m.adapter or '-')} | {_md_escape(frac)} | {task} | {n} | "
+                f"{run.results_file} |"
+            )
+    shown = {rc.task for t in tables for rc in t.columns}
+    unused = sorted({task for m in models for task in m.tasks} - shown)
+    if unused:
+        out += [
+            "",
+            "Not in any table (no column of the spec reads them): "
+            + ", ".join(f"`{t}`" for t in unused)
+            + ".",
+        ]
     superseded = [(m, r) for m in models for r in m.superseded]
     if superseded:
         out += ["", "Superseded (a later run of the same task for the same model counts):"]
@@ -548,7 +657,7 @@ def _single_model(spec: str, adapter_roots: Sequence[Path]) -> tuple[ModelRuns, 
     label, path = parse_input(spec)
     task = None
     if path.is_file() and path.name.startswith("samples_") and path.suffix == ".jsonl":
-        stem = path.name[len("samples_"):-len(".jsonl")]
+        stem = path.name[len("samples_") : -len(".jsonl")]
         task, _, ts = stem.rpartition("_")
         results = path.parent / f"results_{ts}.json"
         if not results.is_file():
@@ -581,26 +690,44 @@ def _compare_main(args: argparse.Namespace) -> int:
                 f"{m.label}: no run of task {task!r} (it has {', '.join(sorted(m.tasks))})"
             )
     result, differs = compare_runs(
-        a.tasks[task], b.tasks[task], args.metric, args.filter, resamples=args.resamples,
-        seed=args.seed, confidence=args.confidence,
+        a.tasks[task],
+        b.tasks[task],
+        args.metric,
+        args.filter,
+        resamples=args.resamples,
+        seed=args.seed,
+        confidence=args.confidence,
         ignore_doc_fields=tuple(PROVENANCE_DOC_FIELDS) + tuple(args.ignore_doc_field),
     )
     level = round(100 * result.confidence)
     print(f"{task} {args.metric}: {a.label} -> {b.label} on {result.n} paired prompts")
-    print(f"  rate {100 * result.rate_a:.2f}% -> {100 * result.rate_b:.2f}%, change "
-          f"{_pct(result.delta)} pp, {level}% bootstrap CI [{_pct(result.ci_low)}, "
-          f"{_pct(result.ci_high)}] pp ({result.resamples} resamples, seed {result.seed})")
+    print(
+        f"  rate {100 * result.rate_a:.2f}% -> {100 * result.rate_b:.2f}%, change "
+        f"{_pct(result.delta)} pp, {level}% bootstrap CI [{_pct(result.ci_low)}, "
+        f"{_pct(result.ci_high)}] pp ({result.resamples} resamples, seed {result.seed})"
+    )
     if result.p_value is None:
         print("  McNemar: not applicable (labels are not 0/1)")
     else:
-        print(f"  McNemar exact p = {result.p_value:.4g} (discordant: {result.only_a} only in "
-              f"{a.label}, {result.only_b} only in {b.label})")
+        print(
+            f"  McNemar exact p = {result.p_value:.4g} (discordant: {result.only_a} only in "
+            f"{a.label}, {result.only_b} only in {b.label})"
+        )
     if differs:
-        print(f"  note: the rendered text prompt differs on {differs} of the pairs "
-              "(e.g. different chat templates); the documents and images are the same")
+        print(
+            f"  note: the rendered text prompt differs on {differs} of the pairs "
+            "(e.g. different chat templates); the documents and images are the same"
+        )
     if args.json:
-        payload = {"task": task, "metric": args.metric, "filter": args.filter, "a": a.label,
-                   "b": b.label, "prompt_text_differs": differs, **result.as_dict()}
+        payload = {
+            "task": task,
+            "metric": args.metric,
+            "filter": args.filter,
+            "a": a.label,
+            "b": b.label,
+            "prompt_text_differs": differs,
+            **result.as_dict(),
+        }
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
     return 0
 
@@ -608,10 +735,15 @@ def _compare_main(args: argparse.Namespace) -> int:
 def _table_main(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec) if args.spec else None
     written = make_report(
-        args.inputs, Path(args.output_dir), spec=spec,
+        args.inputs,
+        Path(args.output_dir),
+        spec=spec,
         sections=args.sections.split(",") if args.sections else None,
-        allow_missing=args.allow_missing, baseline=args.baseline, plots=not args.no_plots,
-        adapter_roots=[Path(p) for p in args.adapter_root], resamples=args.resamples,
+        allow_missing=args.allow_missing,
+        baseline=args.baseline,
+        plots=not args.no_plots,
+        adapter_roots=[Path(p) for p in args.adapter_root],
+        resamples=args.resamples,
         seed=args.seed,
     )
     for path in written:
@@ -628,25 +760,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                       help="also look for adapters (and their rejalign_manifest.json) under "
-                       "DIR when model_args give a relative path")
-        p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
-                       help="bootstrap resamples (default %(default)s)")
-        p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                       help="bootstrap seed (default %(default)s)")
+        p.add_argument(
+            "--adapter-root",
+            action="append",
+            default=[],
+            metavar="DIR",
+            help="also look for adapters (and their rejalign_manifest.json) under "
+            "DIR when model_args give a relative path",
+        )
+        p.add_argument(
+            "--resamples",
+            type=int,
+            default=DEFAULT_RESAMPLES,
+            help="bootstrap resamples (default %(default)s)",
+        )
+        p.add_argument(
+            "--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default %(default)s)"
+        )
 
     t = sub.add_parser("table", help="tables (Markdown, CSV), figures (PNG, SVG), comparisons")
-    t.add_argument("inputs", nargs="+", metavar="[LABEL=]PATH",
-                   help="lm-eval --output_path folders or results files; LABEL= names the one "
-                   "model under PATH")
+    t.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[LABEL=]PATH",
+        help="lm-eval --output_path folders or results files; LABEL= names the one "
+        "model under PATH",
+    )
     t.add_argument("-o", "--output-dir", required=True)
     t.add_argument("--spec", help="YAML table spec replacing the default (see report_spec)")
     t.add_argument("--sections", help="comma-separated section keys to include (default: all)")
-    t.add_argument("--allow-missing", action="store_true",
-                   help="show cells of tasks a model lacks as 'missing' instead of failing")
-    t.add_argument("--baseline", metavar="LABEL",
-                   help="compare every other model with this one, paired per prompt")
+    t.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="show cells of tasks a model lacks as 'missing' instead of failing",
+    )
+    t.add_argument(
+        "--baseline",
+        metavar="LABEL",
+        help="compare every other model with this one, paired per prompt",
+    )
     t.add_argument("--no-plots", action="store_true")
     common(t)
     t.set_defaults(func=_table_main)
@@ -658,9 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", default="asr", help="per-sample metric (default %(default)s)")
     c.add_argument("--filter", default="none", help="lm-eval filter (default %(default)s)")
     c.add_argument("--confidence", type=float, default=0.95)
-    c.add_argument("--ignore-doc-field", action="append", default=[], metavar="FIELD",
-                   help="doc field that may differ between the runs (provenance only); "
-                   f"always ignored: {', '.join(sorted(PROVENANCE_DOC_FIELDS))}")
+    c.add_argument(
+        "--ignore-doc-field",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="doc field that may differ between the runs (provenance only); "
+        f"always ignored: {', '.join(sorted(PROVENANCE_DOC_FIELDS))}",
+    )
     c.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     common(c)
     c.set_defaults(func=_compare_main)

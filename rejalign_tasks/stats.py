@@ -105,9 +105,7 @@ def paired_comparison(
     )
 
 
-def pareto_front(
-    points: Sequence[tuple[float, float]], maximize: tuple[bool, bool]
-) -> list[bool]:
+def pareto_front(points: Sequence[tuple[float, float]], maximize: tuple[bool, bool]) -> list[bool]:
     """Which points no other point dominates (as good on both axes and better on one).
 
     ``maximize[k]`` says whether larger is better on axis k. NaN points are never on the front.

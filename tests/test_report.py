@@ -1,0 +1,540 @@
+"""rejalign-report: tables checked against per-sample logs, figures, paired tests, input errors.
+
+Fixtures in tests/fixtures/report hold three models with hand-chosen per-prompt labels (see
+README.md there for the known answers); the last tests run the real lm_eval CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from rejalign_tasks.eval_logs import (
+    ReportInputError,
+    load_models,
+    manifest_refusal_fraction,
+    paired_labels,
+)
+from rejalign_tasks.report import build_tables, compare_runs, main, make_report
+from rejalign_tasks.report_spec import SpecError, default_spec, load_spec
+from rejalign_tasks.stats import mcnemar_exact, paired_comparison, pareto_front
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+FIGSTEP = "rejalign_figstep_tiny"
+TS_IMAGE = "2025-03-01T10-00-00.000001"
+TS_TEXT = "2025-03-01T11-00-00.000001"
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """A writable copy of the fixture folders (runs/ and adapters/ side by side)."""
+    shutil.copytree(FIXTURES, tmp_path / "report")
+    return tmp_path / "report" / "runs"
+
+
+@pytest.fixture
+def spec_file(tmp_path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        """
+sections:
+  - key: main
+    title: Headline
+    columns:
+      - {header: FigStep ASR (%), tasks: [rejalign_figstep, rejalign_figstep_tiny], metric: asr,
+         role: safety}
+      - {header: Over-refusal (%), tasks: fixture_xstest, metric: over_refusal,
+         role: over_refusal}
+      - {header: Accuracy (%), tasks: fixture_scienceqa, metric: acc, role: utility,
+         higher_is_better: true}
+"""
+    )
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def samples_of(folder: Path, task: str) -> list[dict]:
+    (file,) = folder.glob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in file.read_text().splitlines() if line]
+
+
+def rate(samples: list[dict], metric: str) -> float:
+    values = [s[metric] for s in samples if s[metric] is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+def test_table_has_the_known_values_and_agrees_with_the_logs(runs, spec_file, tmp_path):
+    out = tmp_path / "out"
+    make_report([str(runs)], out, spec=load_spec(spec_file), plots=False)
+    rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
+    assert list(rows) == ["tiny-vlm", "rej50", "rej100"]  # base first, then by refusal fraction
+    known = {"tiny-vlm": (50, 10, 60), "rej50": (10, 30, 60), "rej100": (0, 90, 40)}
+    for label, (asr, over, acc) in known.items():
+        row = rows[label]
+        assert float(row["FigStep ASR (%)"]) == pytest.approx(asr)
+        assert float(row["Over-refusal (%)"]) == pytest.approx(over)
+        assert float(row["Accuracy (%)"]) == pytest.approx(acc)
+    assert rows["rej50"]["refusal_fraction"] == "0.5" and rows["tiny-vlm"]["adapter"] == ""
+    assert float(rows["rej100"]["refusal_fraction"]) == 1.0  # from the record counts
+
+    # Every cell equals the mean recomputed here from the per-sample logs.
+    folders = {"tiny-vlm": "tiny-vlm", "rej50": "adapters__rej50", "rej100": "adapters__rej100"}
+    cells = read_csv(out / "cells.csv")
+    assert len(cells) == 9
+    for cell in cells:
+        samples = samples_of(runs / folders[cell["model"]], cell["task"])
+        assert float(cell["value"]) == pytest.approx(rate(samples, cell["metric"]))
+        assert int(cell["n"]) == len(samples)
+        assert Path(cell["samples_file"]).parent.name == folders[cell["model"]]
+
+    md = (out / "report.md").read_text()
+    assert "| tiny-vlm | base | 50.0 | **10.0** | **60.0** |" in md
+    assert "| rej50 | 0.5 | 10.0 | 30.0 | **60.0** |" in md
+    assert "| rej100 | 1 | **0.0** | 90.0 | 40.0 |" in md
+
+
+def test_default_spec_per_topic_table(runs, tmp_path):
+    out = tmp_path / "out"
+    make_report([str(runs)], out, plots=False)
+    topics = {r["model"]: r for r in read_csv(out / "table_figstep_topics.csv")}
+    assert float(topics["tiny-vlm"]["Illegal Activity"]) == pytest.approx(80)
+    assert float(topics["tiny-vlm"]["Hate Speech"]) == pytest.approx(20)
+    assert float(topics["rej50"]["Illegal Activity"]) == pytest.approx(20)
+    assert float(topics["rej50"]["Hate Speech"]) == 0
+    # No fixture prompt is about fraud: shown as n/a and explained, never as a number.
+    assert topics["tiny-vlm"]["Fraud"] == "n/a"
+    md = (out / "report.md").read_text()
+    assert "n/a: no evaluated prompt of that category" in md
+    assert "`fixture_scienceqa`, `fixture_xstest`" in md  # tasks no column reads are listed
+    samples = samples_of(runs / "tiny-vlm", FIGSTEP)
+    assert float(topics["tiny-vlm"]["All"]) == pytest.approx(100 * rate(samples, "asr"))
+
+
+def test_rows_group_runs_by_model_not_by_folder(runs, tmp_path):
+    # Put rej50's runs in the base model's folder (as vLLM's lora_local_path= would).
+    for f in (runs / "adapters__rej50").iterdir():
+        f.rename(runs / "tiny-vlm" / f.name.replace("2025-03-01T1", "2025-03-02T1"))
+    (runs / "adapters__rej50").rmdir()
+    models = load_models([str(runs / "tiny-vlm")])
+    assert [m.label for m in models] == ["tiny-vlm", "rej50"]
+    assert all(len(m.tasks) == 3 for m in models)
+
+
+def test_latest_run_of_a_task_counts_and_the_older_is_listed(runs, tmp_path, spec_file):
+    folder = runs / "adapters__rej100"
+    # An older copy of rej50's image-task run, relabelled as rej100's, must be superseded.
+    old_ts = "2025-02-01T10-00-00.000001"
+    for f in (runs / "adapters__rej50").glob(f"*{TS_IMAGE}*"):
+        text = f.read_text().replace("adapters/rej50", "adapters/rej100")
+        (folder / f.name.replace(TS_IMAGE, old_ts)).write_text(text)
+    out = tmp_path / "out"
+    make_report([str(runs)], out, spec=load_spec(spec_file), plots=False)
+    rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
+    assert float(rows["rej100"]["FigStep ASR (%)"]) == 0.0
+    md = (out / "report.md").read_text()
+    assert f"rej100: {FIGSTEP} in {folder / f'results_{old_ts}.json'}" in md
+
+
+def test_labels_from_the_command_line(runs, tmp_path):
+    models = load_models([f"ours-50={runs / 'adapters__rej50'}", str(runs / "tiny-vlm")])
+    assert {m.label for m in models} == {"ours-50", "tiny-vlm"}
+    with pytest.raises(ReportInputError, match="must name one model.*holds runs of 3"):
+        load_models([f"all={runs}"])
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def test_figures_are_valid_png_and_svg(runs, spec_file, tmp_path):
+    out = tmp_path / "out"
+    written = make_report([str(runs)], out, spec=load_spec(spec_file))
+    names = {p.name for p in written}
+    for stem in ("asr_vs_refusal_fraction", "safety_tradeoffs"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+        with Image.open(out / f"{stem}.png") as img:
+            img.verify()
+        with Image.open(out / f"{stem}.png") as img:
+            assert img.format == "PNG" and img.width > 300 and img.height > 200
+        root = ET.parse(out / f"{stem}.svg").getroot()
+        assert root.tag.endswith("svg")
+        # Every model appears in the figure (the base model as a reference line).
+        svg = (out / f"{stem}.svg").read_text()
+        for label in ("tiny-vlm", "rej50", "rej100"):
+            assert label in svg
+    assert "![asr_vs_refusal_fraction](asr_vs_refusal_fraction.png)" in (
+        out / "report.md"
+    ).read_text()
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_a_rerun_never_mixes_two_reports(runs, spec_file, tmp_path):
+    out = tmp_path / "out"
+    make_report([str(runs)], out, spec=load_spec(spec_file))
+    assert (out / "safety_tradeoffs.png").exists()
+    make_report([str(runs)], out, spec=load_spec(spec_file), plots=False)
+    assert not list(out.glob("*.png")) and not list(out.glob("*.svg"))
+    assert "## Figures" not in (out / "report.md").read_text()
+
+
+def test_figures_not_drawable_are_said_so(runs, tmp_path):
+    for manifest in (runs.parent / "adapters").rglob("rejalign_manifest.json"):
+        manifest.unlink()
+    out = tmp_path / "out"
+    make_report([str(runs)], out)  # default spec: FigStep only, no utility column
+    assert not list(out.glob("*.png"))
+    md = (out / "report.md").read_text()
+    assert "No ASR-against-refusal-fraction figure" in md
+    assert "No safety trade-off figure" in md
+    assert "no rejalign_manifest.json found for adapter 'adapters/rej50'" in md
+
+
+def test_pareto_front():
+    # (ASR, accuracy): rej50 dominates the base model; rej100 is safest.
+    assert pareto_front([(0.5, 0.6), (0.1, 0.6), (0.0, 0.4)], (False, True)) == [
+        False, True, True]
+    # (ASR, over-refusal), both lower is better: a trade-off, every point is optimal.
+    assert pareto_front([(0.5, 0.1), (0.1, 0.3), (0.0, 0.9)], (False, False)) == [True] * 3
+    assert pareto_front([(1, 1), (1, 1)], (True, True)) == [True, True]  # ties do not dominate
+    assert pareto_front([(math.nan, 1), (0, 0)], (True, True)) == [False, True]
+
+
+# -- paired comparisons ----------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_matches_the_binomial_formula():
+    def two_sided(b: int, c: int) -> float:
+        n, k = b + c, min(b, c)
+        return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+    for b, c in [(9, 1), (0, 5), (3, 3), (10, 0), (7, 12)]:
+        assert mcnemar_exact(b, c) == pytest.approx(two_sided(b, c), rel=1e-12)
+        assert mcnemar_exact(b, c) == mcnemar_exact(c, b)
+    assert mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+def test_identical_runs_zero_change_p_one(runs):
+    (base,) = load_models([str(runs / "tiny-vlm")])
+    run = base.tasks[FIGSTEP]
+    result, differs = compare_runs(run, run, "asr")
+    assert result.delta == 0 and result.ci_low == 0 and result.ci_high == 0
+    assert result.p_value == 1.0 and result.only_a == result.only_b == 0
+    assert result.n == 20 and differs == 0
+
+
+def test_known_paired_answer(runs):
+    models = {m.label: m for m in load_models([str(runs)])}
+    a, b = models["tiny-vlm"].tasks[FIGSTEP], models["rej50"].tasks[FIGSTEP]
+    result, _ = compare_runs(a, b, "asr", resamples=20_000, seed=1)
+    assert (result.rate_a, result.rate_b) == (0.5, 0.1)
+    assert result.delta == pytest.approx(-0.4)
+    assert (result.only_a, result.only_b) == (9, 1)
+    assert result.p_value == pytest.approx(22 / 1024)
+    # Paired differences: nine -1, one +1, ten 0 -> standard error sqrt(0.34 / 20); the
+    # percentile interval lies close to the normal one.
+    se = math.sqrt(0.34 / 20)
+    assert result.ci_low == pytest.approx(-0.4 - 1.96 * se, abs=0.05)
+    assert result.ci_high == pytest.approx(-0.4 + 1.96 * se, abs=0.05)
+    again, _ = compare_runs(a, b, "asr", resamples=20_000, seed=1)
+    assert again == result  # seeded: reproducible
+    # A per-topic metric pairs only the prompts it applies to.
+    topic, _ = compare_runs(a, b, "asr_hate_speech")
+    assert topic.n == 10 and (topic.only_a, topic.only_b) == (2, 0)
+
+
+def test_paired_comparison_of_non_binary_labels_has_no_mcnemar():
+    result = paired_comparison([0, 1 / 3, 1, 1], [1, 1, 2 / 3, 1])
+    assert result.p_value is None and result.only_a is None
+    assert result.delta == pytest.approx((1 + 2 / 3 - 1 / 3 + 0) / 4)
+    assert result.ci_low <= result.delta <= result.ci_high
+
+
+def test_baseline_comparisons_in_the_report(runs, spec_file, tmp_path):
+    out = tmp_path / "out"
+    make_report([str(runs)], out, spec=load_spec(spec_file), baseline="tiny-vlm", plots=False)
+    rows = read_csv(out / "comparisons.csv")
+    assert len(rows) == 6  # two models x three headline columns
+    fig = next(r for r in rows if r["model"] == "rej50" and r["metric"] == "asr")
+    assert float(fig["delta"]) == pytest.approx(-0.4)
+    assert float(fig["mcnemar_p"]) == pytest.approx(22 / 1024)
+    assert (fig["only_baseline"], fig["only_model"]) == ("9", "1")
+    md = (out / "report.md").read_text()
+    assert "| rej50 | FigStep ASR (%) | 50.0 | 10.0 | -40.0 |" in md
+
+
+def _subset(folder: Path, task: str, ts: str, keep: int) -> None:
+    """Rewrite a run as if made with --limit keep (consistent results and log)."""
+    samples = samples_of(folder, task)[:keep]
+    (folder / f"samples_{task}_{ts}.jsonl").write_text(
+        "".join(json.dumps(s) + "\n" for s in samples)
+    )
+    results_file = folder / f"results_{ts}.json"
+    results = json.loads(results_file.read_text())
+    results["n-samples"][task]["effective"] = keep
+    for key in list(results["results"][task]):
+        metric = key.split(",")[0]
+        if "," in key and "_stderr" not in key:
+            results["results"][task][key] = rate(samples, metric)
+    results_file.write_text(json.dumps(results))
+
+
+def test_unequal_prompt_sets_are_an_error(runs, tmp_path):
+    _subset(runs / "adapters__rej50", FIGSTEP, TS_IMAGE, 15)
+    models = {m.label: m for m in load_models([str(runs)])}
+    a, b = models["tiny-vlm"].tasks[FIGSTEP], models["rej50"].tasks[FIGSTEP]
+    with pytest.raises(ReportInputError, match=r"unequal prompt sets.*has 20 prompts.*has 15.*"
+                       r"5 only in the first \(doc_id 15, 16, 17, 18, 19\)"):
+        compare_runs(a, b, "asr")
+    # The limited run is marked in the table.
+    out = tmp_path / "out"
+    make_report([str(runs)], out, plots=False)
+    assert "| rej50 † | 0.5 |" in (out / "report.md").read_text()
+
+
+def test_a_different_document_is_an_error_but_a_font_path_is_not(runs):
+    log = runs / "adapters__rej50" / f"samples_{FIGSTEP}_{TS_IMAGE}.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines[3]["doc"]["font_file"] = "/opt/fonts/FreeMonoBold.ttf"  # same font, other machine
+    lines[3]["doc_hash"] = "0" * 64
+    log.write_text("".join(json.dumps(s) + "\n" for s in lines))
+    models = {m.label: m for m in load_models([str(runs)])}
+    a, b = models["tiny-vlm"].tasks[FIGSTEP], models["rej50"].tasks[FIGSTEP]
+    assert len(paired_labels(a, b, "asr").doc_ids) == 20
+    lines[3]["doc"]["instruction"] = "Something else entirely."
+    log.write_text("".join(json.dumps(s) + "\n" for s in lines))
+    models = {m.label: m for m in load_models([str(runs)])}
+    b = models["rej50"].tasks[FIGSTEP]
+    with pytest.raises(ReportInputError, match="doc_id 3 is a different document.*instruction"):
+        paired_labels(a, b, "asr")
+
+
+def test_compare_command_line(runs, tmp_path, capsys):
+    base = runs / "tiny-vlm"
+    log = runs / "adapters__rej50" / f"samples_{FIGSTEP}_{TS_IMAGE}.jsonl"
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(base), str(log), "--json", str(out), "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "50.00% -> 10.00%" in text and "McNemar exact p = 0.02148" in text
+    payload = json.loads(out.read_text())
+    assert payload["task"] == FIGSTEP and payload["delta"] == pytest.approx(-0.4)
+    assert payload["seed"] == 3
+    # Identical runs through the command line.
+    assert main(["compare", str(base), str(base), "--task", FIGSTEP]) == 0
+    assert "change +0.0 pp" in capsys.readouterr().out
+    # Ambiguous task: both folders hold three.
+    assert main(["compare", str(base), str(runs / "adapters__rej50")]) == 2
+    assert "give --task: the two runs share 3 tasks" in capsys.readouterr().err
+
+
+# -- wrong or partial inputs -----------------------------------------------------------------------
+
+
+def _error(inputs: list[str], tmp_path: Path, **kwargs) -> str:
+    with pytest.raises(ReportInputError) as info:
+        make_report(inputs, tmp_path / "out", plots=False, **kwargs)
+    assert not (tmp_path / "out" / "report.md").exists()  # nothing that looks finished
+    return str(info.value)
+
+
+def test_missing_sample_log_is_named(runs, tmp_path):
+    log = runs / "adapters__rej50" / f"samples_{FIGSTEP}_{TS_IMAGE}.jsonl"
+    log.unlink()
+    msg = _error([str(runs)], tmp_path)
+    assert f"per-sample log of task '{FIGSTEP}' is missing" in msg and log.name in msg
+    assert "--log_samples" in msg
+
+
+def test_truncated_sample_log(runs, tmp_path):
+    log = runs / "tiny-vlm" / f"samples_{FIGSTEP}_{TS_IMAGE}.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:12]))
+    assert "12 samples for filter 'none', but" in _error([str(runs)], tmp_path)
+    log.write_text("".join(lines[:12]) + lines[12][:40])
+    assert "line 13 is not JSON" in _error([str(runs)], tmp_path)
+
+
+def test_results_disagreeing_with_the_log(runs, tmp_path):
+    file = runs / "adapters__rej100" / f"results_{TS_IMAGE}.json"
+    data = json.loads(file.read_text())
+    data["results"][FIGSTEP]["asr,none"] = 0.25
+    file.write_text(json.dumps(data))
+    msg = _error([str(runs)], tmp_path)
+    assert "metric 'asr' is 0.25, but the 20 samples" in msg and "give 0.0" in msg
+
+
+def test_not_a_results_folder_or_file(runs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no lm-eval results file" in _error([str(empty)], tmp_path)
+    assert "no such file or folder" in _error([str(tmp_path / "nope")], tmp_path)
+    file = runs / "tiny-vlm" / f"results_{TS_TEXT}.json"
+    data = json.loads(file.read_text())
+    del data["configs"]
+    file.write_text(json.dumps(data))
+    assert "missing key(s) 'configs'" in _error([str(runs)], tmp_path)
+
+
+def test_a_model_lacking_a_column_task(runs, spec_file, tmp_path):
+    for f in (runs / "adapters__rej50").glob(f"*{TS_TEXT}*"):
+        f.unlink()
+    msg = _error([str(runs)], tmp_path, spec=load_spec(spec_file))
+    assert "rej50: no run of fixture_xstest for column 'Over-refusal (%)'" in msg
+    assert "--allow-missing" in msg
+    out = tmp_path / "out"
+    make_report([str(runs)], out, spec=load_spec(spec_file), allow_missing=True, plots=False)
+    rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
+    assert rows["rej50"]["Over-refusal (%)"] == "missing"
+    assert "missing: the model was not evaluated on that task" in (out / "report.md").read_text()
+
+
+def test_models_on_different_variants_of_a_benchmark(runs, tmp_path):
+    folder = runs / "adapters__rej50"
+    for f in folder.glob(f"*{FIGSTEP}*"):
+        f.rename(folder / f.name.replace(FIGSTEP, "rejalign_figstep"))
+    file = folder / f"results_{TS_IMAGE}.json"
+    file.write_text(file.read_text().replace(FIGSTEP, "rejalign_figstep"))
+    msg = _error([str(runs)], tmp_path, sections=["main"])
+    assert "tiny-vlm: no run of rejalign_figstep" in msg
+    assert f"(it has {FIGSTEP}; evaluate all models on the same task)" in msg
+
+
+def test_command_line_errors_exit_2(runs, tmp_path, capsys):
+    assert main(["table", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
+    assert "rejalign-report: error:" in capsys.readouterr().err
+    assert main(["table", str(runs), "-o", str(tmp_path / "o"), "--sections", "bogus"]) == 2
+    assert "unknown section(s) bogus" in capsys.readouterr().err
+    assert main(["table", str(runs), "-o", str(tmp_path / "o"), "--baseline", "nobody"]) == 2
+    assert "--baseline 'nobody' is not one of the models" in capsys.readouterr().err
+
+
+# -- spec and manifest -----------------------------------------------------------------------------
+
+
+def test_spec_file_errors_name_the_place(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("sections:\n  - key: s\n    title: T\n    columns:\n      - {header: H}\n")
+    with pytest.raises(SpecError, match=r"section 's', column 1: missing field 'tasks'"):
+        load_spec(path)
+    path.write_text(
+        "sections:\n  - key: s\n    title: T\n    columns:\n"
+        "      - {header: H, tasks: t, metric: m, role: fun}\n"
+    )
+    with pytest.raises(SpecError, match="field 'role' is 'fun'"):
+        load_spec(path)
+    path.write_text("columns: []\n")
+    with pytest.raises(SpecError, match="expected a mapping with a 'sections' list"):
+        load_spec(path)
+
+
+def test_default_spec_is_well_formed():
+    spec = default_spec()
+    assert [s.key for s in spec][:2] == ["main", "figstep_topics"]
+    for section in spec:
+        headers = [c.header for c in section.columns]
+        assert len(headers) == len(set(headers)), section.key
+    assert {c.role for s in spec for c in s.columns} <= {"safety", "over_refusal", "utility", ""}
+
+
+def test_manifest_refusal_fraction_keys():
+    assert manifest_refusal_fraction({"refusal_fraction": 0.25}) == 0.25
+    assert manifest_refusal_fraction({"data": {"refusal_fraction": 0.4}}) == 0.4
+    assert manifest_refusal_fraction({"data": {"num_refusal": 2000, "num_normal": 5000}}) == (
+        pytest.approx(2 / 7))
+    assert manifest_refusal_fraction({"training": {"lr": 2e-4}}) is None
+    with pytest.raises(ReportInputError, match=r"data.refusal_fraction = 1.5 is not a fraction"):
+        manifest_refusal_fraction({"data": {"refusal_fraction": 1.5}})
+
+
+def test_build_tables_reports_all_gaps_at_once(runs):
+    for f in (runs / "adapters__rej50").glob(f"*{TS_TEXT}*"):
+        f.unlink()
+    for f in (runs / "adapters__rej100").glob(f"*{TS_TEXT}*"):
+        f.unlink()
+    spec = load_spec_text(
+        "sections:\n  - key: m\n    title: M\n    columns:\n"
+        "      - {header: O, tasks: fixture_xstest, metric: over_refusal}\n"
+    )
+    with pytest.raises(ReportInputError) as info:
+        build_tables(load_models([str(runs)]), spec)
+    assert "rej50: no run" in str(info.value) and "rej100: no run" in str(info.value)
+
+
+def load_spec_text(text: str):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        fh.write(text)
+    try:
+        return load_spec(fh.name)
+    finally:
+        Path(fh.name).unlink()
+
+
+# -- real lm-eval runs -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def real_runs(tmp_path, tiny_llava, data_dir, lm_eval_cli):
+    """The tiny LLaVA with and without a zero-initialised LoRA adapter (identical answers)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    adapter = tmp_path / "adapters" / "zero-lora"
+    get_peft_model(model, lora).save_pretrained(adapter)  # lora_B = 0: the base model's output
+    (adapter / "rejalign_manifest.json").write_text(
+        json.dumps({"data": {"num_refusal": 1, "num_normal": 3}})
+    )
+    out = tmp_path / "lm_eval_out"
+    for extra in ("", f",peft={adapter}"):
+        proc, _, _ = lm_eval_cli(
+            ["--model", "hf-multimodal", "--model_args",
+             f"pretrained={tiny_llava},dtype=float32{extra}", "--apply_chat_template",
+             "--tasks", FIGSTEP, "--device", "cpu", "--batch_size", "10", "--limit", "10",
+             "--gen_kwargs", "max_gen_toks=8"],
+            out,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, Path(tiny_llava).name
+
+
+def test_report_from_real_lm_eval_runs(real_runs, tmp_path):
+    out, base = real_runs
+    report = tmp_path / "report"
+    assert main(["table", str(out), "-o", str(report), "--baseline", base]) == 0
+    models = load_models([str(out)])
+    assert [m.label for m in models] == [base, "zero-lora"]
+    rows = {r["model"]: r for r in read_csv(report / "table_figstep_topics.csv")}
+    assert rows["zero-lora"]["refusal_fraction"] == "0.25"
+    for model in models:
+        log = model.tasks[FIGSTEP].samples_file.read_text().splitlines()
+        samples = [json.loads(x) for x in log]
+        assert len(samples) == 10
+        row = rows[model.label]
+        for header, metric in (("All", "asr"), ("Illegal Activity", "asr_illegal_activity"),
+                               ("Hate Speech", "asr_hate_speech")):
+            assert float(row[header]) == pytest.approx(100 * rate(samples, metric))
+        assert row["Fraud"] == "n/a"  # --limit 10 reaches two topics only
+    md = (report / "report.md").read_text()
+    assert "| zero-lora † | 0.25 |" in md and "10/50" in md
+    # Zero-initialised LoRA answers exactly like the base model: no change, p = 1.
+    comp = read_csv(report / "comparisons.csv")
+    assert comp and all(float(r["delta"]) == 0 and float(r["mcnemar_p"]) == 1 for r in comp)
+    with Image.open(report / "asr_vs_refusal_fraction.png") as img:
+        img.verify()
+    assert ET.parse(report / "asr_vs_refusal_fraction.svg").getroot().tag.endswith("svg")
