@@ -1,0 +1,97 @@
+"""``rejalign-eval``: the paper's whole table for one model (+ adapter) in one run, one folder.
+
+It is lm-eval's own command line (every ``lm_eval run`` option works and means the same), with:
+
+* text-only and image tasks answered together by the same VLM (see :mod:`rejalign_tasks.routing`);
+  the backend stays a pass-through, so ``--model hf-multimodal`` and ``--model vllm-vlm`` (with
+  their own ``peft=`` / ``lora_local_path=`` model args) both work;
+* defaults suited to VLM evaluation: ``--tasks rejalign_paper``, ``--model hf-multimodal``,
+  ``--apply_chat_template`` (opt out with ``--no_chat_template``) and ``--log_samples``;
+* ``--output_path`` required: the run leaves ``OUT/<model>/results_<ts>.json`` (lm-eval's schema,
+  groups included) and one ``samples_<task>_<ts>.jsonl`` per task, side by side.
+
+Why one run rather than one run per modality: the model is loaded once, every answer comes from
+the same object, and lm-eval computes the groups (``rejalign_paper`` mixes both kinds) itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_MODEL = "hf-multimodal"
+DEFAULT_TASKS = "rejalign_paper"
+NO_CHAT_TEMPLATE = "--no_chat_template"
+SUBCOMMANDS = ("run", "ls", "validate")
+
+
+def _has(argv: Sequence[str], *flags: str) -> bool:
+    return any(a in flags or any(a.startswith(f + "=") for f in flags) for a in argv)
+
+
+def _value(argv: Sequence[str], *flags: str) -> str | None:
+    for i, a in enumerate(argv):
+        for f in flags:
+            if a == f and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(f + "="):
+                return a[len(f) + 1 :]
+    return None
+
+
+def build_argv(argv: Sequence[str]) -> list[str]:
+    """lm-eval ``run`` arguments for a ``rejalign-eval`` command line (defaults filled in)."""
+    args = list(argv)
+    if args and args[0] in SUBCOMMANDS:
+        if args[0] != "run":
+            return args  # `rejalign-eval ls tasks` etc. go to lm-eval untouched
+        args = args[1:]
+    if any(a in ("-h", "--help") for a in args):
+        return ["run", *args]
+    chat = NO_CHAT_TEMPLATE not in args
+    args = [a for a in args if a != NO_CHAT_TEMPLATE]
+    from_config = _has(args, "--config", "-C")
+    if not from_config and not _has(args, "--model", "-M"):
+        args += ["--model", DEFAULT_MODEL]
+    if not from_config and not _has(args, "--tasks", "-t"):
+        args += ["--tasks", DEFAULT_TASKS]
+    if chat and not _has(args, "--apply_chat_template"):
+        args.append("--apply_chat_template")
+    if not _has(args, "--log_samples", "-s", "--predict_only", "-x"):
+        args.append("--log_samples")
+    if not from_config and not _has(args, "--output_path", "-o"):
+        raise SystemExit(
+            "rejalign-eval: --output_path is required (the folder that will hold the results "
+            "JSON and every task's samples)"
+        )
+    return ["run", *args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``rejalign-eval``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from rejalign_tasks.routing import install
+
+    lm_args = build_argv(sys.argv[1:] if argv is None else argv)
+    install()
+    saved = sys.argv
+    sys.argv = ["rejalign-eval", *lm_args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    out = _value(lm_args, "--output_path", "-o")
+    if out and lm_args[:1] == ["run"]:
+        results = sorted(Path(out).expanduser().glob("**/results_*.json"), key=_mtime)
+        if results:
+            print(f"rejalign-eval: results and samples in {results[-1].parent}")
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
