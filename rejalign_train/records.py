@@ -160,7 +160,7 @@ class RecordFile:
             try:
                 self._raws = _RAW_ARRAY.decode(self._mm)
             except msgspec.DecodeError as exc:
-                raise RecordError(self.path, f"not a valid JSON array of records ({exc})") from exc
+                raise self._syntax_error(exc) from exc
         else:
             self._offsets = self._line_offsets()
         if len(self) == 0:
@@ -224,7 +224,7 @@ class RecordFile:
             except msgspec.ValidationError as exc:
                 raise self._scan_error(exc, None) from exc
             except msgspec.DecodeError as exc:
-                raise RecordError(self.path, f"not a valid JSON array of records ({exc})") from exc
+                raise self._syntax_error(exc) from exc
             return [None if r.id is msgspec.UNSET else r.id for r in decoded]
         ids: list[str | int | None] = []
         offsets, mm = self._offsets, self._mm
@@ -239,6 +239,16 @@ class RecordFile:
                 ) from exc
             ids.append(None if r.id is msgspec.UNSET else r.id)
         return ids
+
+    def _syntax_error(self, exc: msgspec.DecodeError) -> RecordError:
+        """Name the line and column of a syntax error (NaN and Infinity are not JSON either)."""
+        message, found = str(exc), re.search(r"\(byte (\d+)\)", str(exc))
+        if found:
+            offset = int(found.group(1))
+            line = self._mm[:offset].count(b"\n") + 1
+            column = offset - (self._mm.rfind(b"\n", 0, offset) + 1) + 1
+            message += f" at line {line}, column {column}"
+        return RecordError(self.path, f"not a valid JSON array of records ({message})")
 
     def _scan_error(self, exc: msgspec.ValidationError, index: int | None) -> RecordError:
         message = str(exc)
@@ -347,7 +357,8 @@ def normalise(raw: Any, path: str | os.PathLike, index: int) -> dict:
     that is neither string nor integer, no conversation, an unknown role, non-text content, no
     assistant turn, or a number of ``<image>`` placeholders different from the number of images.
     """
-    path = Path(path)
+    if not isinstance(path, Path):
+        path = Path(path)
     if not isinstance(raw, dict):
         raise RecordError(path, "a record must be a JSON object", index=index)
     rid = raw.get("id")
@@ -529,17 +540,51 @@ def write_records(
     rows = (convert(r) for r in records) if convert else iter(records)
     digest, count = hashlib.sha256(), 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         if layout == "json":
             rows = list(rows)
             count = len(rows)
-            text = json.dumps(rows, ensure_ascii=False, indent=4)
-            fh.write(text)
-            digest.update(text.encode("utf-8"))
+            data = dump_json_array(rows)
+            fh.write(data)
+            digest.update(data)
         else:
             for row in rows:
-                line = json.dumps(row, ensure_ascii=False) + "\n"
+                line = _encode_line(row)
                 fh.write(line)
-                digest.update(line.encode("utf-8"))
+                digest.update(line)
                 count += 1
     return Written(path, count, digest.hexdigest())
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float(v) for v in value)
+    return False
+
+
+def dump_json_array(rows: list) -> bytes:
+    """``json.dumps(rows, ensure_ascii=False, indent=4)`` as UTF-8, byte for byte, fast.
+
+    msgspec writes the same text ten times faster except for floats (``1e16`` where ``json``
+    writes ``1e+16``), so records holding a float go through ``json``.
+    """
+    if not _has_float(rows):
+        try:
+            return msgspec.json.format(msgspec.json.encode(rows), indent=4)
+        except (TypeError, UnicodeEncodeError, OverflowError):
+            pass  # json gives the reference behaviour (or error) for anything unusual
+    return json.dumps(rows, ensure_ascii=False, indent=4).encode("utf-8")
+
+
+def _encode_line(row: Any) -> bytes:
+    """One JSON Lines record (compact, non-ASCII kept; floats written as ``json`` writes them)."""
+    if not _has_float(row):
+        try:
+            return msgspec.json.encode(row) + b"\n"
+        except (TypeError, UnicodeEncodeError, OverflowError):
+            pass
+    return (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
