@@ -211,6 +211,14 @@ class ModelRuns:
             return None
         return manifest_refusal_fraction(self.manifest, self.manifest_path)
 
+    @property
+    def refusal_fraction_key(self) -> str | None:
+        """Which manifest key(s) the refusal fraction was read from."""
+        if self.manifest is None:
+            return None
+        found = refusal_fraction_source(self.manifest, self.manifest_path)
+        return None if found is None else found[1]
+
 
 def parse_model_args(value: Any) -> dict[str, Any]:
     """model_args as lm-eval logs them: a dict (0.4.13) or a ``k=v,k=v`` string (older)."""
@@ -418,6 +426,12 @@ def _attach_manifest(entry: ModelRuns, roots: Sequence[Path]) -> None:
                 raise ReportInputError(str(exc)) from exc
             if not isinstance(data, dict):
                 raise ReportInputError(f"{manifest}: not a JSON object")
+            if data.get("complete") is False:
+                files = sorted({str(t.results_file) for t in entry.tasks.values()})
+                raise ReportInputError(
+                    f"{manifest}: the adapter's training did not complete (complete: false); "
+                    f"{', '.join(files)} evaluated an unfinished adapter"
+                )
             entry.manifest, entry.manifest_path = data, manifest
             return
     entry.manifest_note = f"no {MANIFEST_NAME} found for adapter {adapter!r}"
@@ -471,22 +485,24 @@ def _row_order(entry: ModelRuns) -> tuple:
     )
 
 
-# Where the refusal fraction may sit in an adapter manifest, tried in order. The adapter manifest
-# (``rejalign-train fit``) embeds the data manifest of ``rejalign-train mix``.
+# Where the refusal fraction may sit in a manifest, tried in order: the mix manifest that
+# ``rejalign-train fit`` embeds in the adapter's manifest (what the data was mixed at), a bare
+# fraction (a ``rejalign-train mix`` manifest, or one written by hand), then record counts.
 FRACTION_KEYS: tuple[tuple[str, ...], ...] = (
-    ("refusal_fraction",),
+    ("data", "mix_manifest", "refusal_fraction"),
     ("data", "refusal_fraction"),
-    ("data_manifest", "refusal_fraction"),
-    ("mix", "refusal_fraction"),
-    ("data", "fraction"),
-    ("mix", "fraction"),
+    ("refusal_fraction",),
 )
-# Counts of refusal and normal records, the fallback when no fraction is stored.
-COUNT_KEYS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("data", "num_refusal"), ("data", "num_normal")),
-    (("data_manifest", "num_refusal"), ("data_manifest", "num_normal")),
-    (("mix", "num_refusal"), ("mix", "num_normal")),
-    (("num_refusal",), ("num_normal",)),
+# (refusal count, other count, whether the other count is the total): the mix manifest's counts,
+# else the records ``fit`` actually trained on (after skipping over-long ones).
+COUNT_KEYS: tuple[tuple[tuple[str, ...], tuple[str, ...], bool], ...] = (
+    (
+        ("data", "mix_manifest", "counts", "refusal"),
+        ("data", "mix_manifest", "counts", "normal"),
+        False,
+    ),
+    (("counts", "refusal"), ("counts", "normal"), False),
+    (("data", "refusal_samples"), ("data", "used"), True),
 )
 
 
@@ -498,11 +514,13 @@ def _dig(data: Any, keys: tuple[str, ...]) -> Any:
     return data
 
 
-def manifest_refusal_fraction(manifest: dict[str, Any], path: Path | None = None) -> float | None:
-    """The refusal fraction an adapter was trained with, or None when the manifest has none.
+def refusal_fraction_source(
+    manifest: dict[str, Any], path: Path | None = None
+) -> tuple[float, str] | None:
+    """The refusal fraction an adapter was trained with and the manifest key it came from.
 
-    Read defensively: the first of :data:`FRACTION_KEYS` present, else refusal / (refusal +
-    normal) from :data:`COUNT_KEYS`. A value that is not a number in [0, 1] is an error.
+    None when the manifest holds none of :data:`FRACTION_KEYS` / :data:`COUNT_KEYS`. A value
+    that is not a fraction in [0, 1], or counts that are not counts, are errors.
     """
     where = path or MANIFEST_NAME
     for keys in FRACTION_KEYS:
@@ -513,20 +531,36 @@ def manifest_refusal_fraction(manifest: dict[str, Any], path: Path | None = None
             raise ReportInputError(
                 f"{where}: {'.'.join(keys)} = {value!r} is not a fraction in [0, 1]"
             )
-        return float(value)
-    for refusal_keys, normal_keys in COUNT_KEYS:
-        refusal, normal = _dig(manifest, refusal_keys), _dig(manifest, normal_keys)
-        if refusal is None or normal is None:
+        return float(value), ".".join(keys)
+    for refusal_keys, other_keys, other_is_total in COUNT_KEYS:
+        refusal, other = _dig(manifest, refusal_keys), _dig(manifest, other_keys)
+        if refusal is None or other is None:
             continue
-        counts = (refusal, normal)
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts)
-        if not ok or refusal + normal == 0:
+        total = (
+            other
+            if other_is_total
+            else (refusal + other if _is_count(refusal) and _is_count(other) else None)
+        )
+        if not (_is_count(refusal) and _is_count(other)) or not total or refusal > total:
             raise ReportInputError(
-                f"{where}: {'.'.join(refusal_keys)} = {refusal!r}, {'.'.join(normal_keys)} = "
-                f"{normal!r}: not usable record counts"
+                f"{where}: {'.'.join(refusal_keys)} = {refusal!r}, {'.'.join(other_keys)} = "
+                f"{other!r}: not usable record counts"
             )
-        return refusal / (refusal + normal)
+        return refusal / total, f"{'.'.join(refusal_keys)} / " + (
+            ".".join(other_keys)
+            if other_is_total
+            else f"({'.'.join(refusal_keys)} + {'.'.join(other_keys)})"
+        )
     return None
+
+
+def manifest_refusal_fraction(manifest: dict[str, Any], path: Path | None = None) -> float | None:
+    found = refusal_fraction_source(manifest, path)
+    return None if found is None else found[0]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # Doc fields that record where something came from, not what was asked: the FigStep font's file

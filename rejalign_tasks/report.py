@@ -530,7 +530,9 @@ def render_report(
         )
         notes = []
         if any(t.cell(r, j).status == NOT_AVAILABLE for r in t.rows for j in range(len(t.columns))):
-            notes.append(f"{NOT_AVAILABLE}: no evaluated prompt of that category (a --limit run).")
+            notes.append(
+                f"{NOT_AVAILABLE}: no evaluated prompt of that category (e.g. a --limit run)."
+            )
         if any(t.cell(r, j).status == MISSING for r in t.rows for j in range(len(t.columns))):
             notes.append(f"{MISSING}: the model was not evaluated on that task.")
         if any(_row_limited(t, r) for r in t.rows):
@@ -563,7 +565,9 @@ def render_report(
     for m in models:
         frac = _fraction(m)
         if m.manifest_path is not None:
-            frac += f" ({m.manifest_path})"
+            key = m.refusal_fraction_key
+            what = key or "no refusal fraction"
+            frac += f" ({what} in {m.manifest_path})"
         elif m.manifest_note:
             frac += f" ({m.manifest_note})"
         for task, run in sorted(m.tasks.items()):

@@ -56,6 +56,12 @@ class Section:
 
 
 FIGSTEP_TASKS = ("rejalign_figstep", "rejalign_figstep_tiny")
+XSTEST_TASKS = ("rejalign_xstest",)
+XSTEST_TYPO_TASKS = ("rejalign_xstest_typo",)
+
+
+def _title(name: str) -> str:
+    return name.replace("_", " ").capitalize()
 
 
 def _figstep_topics() -> Section:
@@ -69,17 +75,85 @@ def _figstep_topics() -> Section:
     )
 
 
+def _xstest(key: str, title: str, tasks: tuple[str, ...]) -> Section:
+    return Section(
+        key,
+        title,
+        (
+            Column("Over-refusal, paper judge", tasks, "over_refusal"),
+            Column("Over-refusal, XSTest judge", tasks, "over_refusal_xstest"),
+            Column("Partial refusal, safe prompts", tasks, "over_refusal_partial"),
+            Column("Unsafe refused, paper judge", tasks, "unsafe_refusal", higher_is_better=True),
+            Column(
+                "Unsafe refused, XSTest judge",
+                tasks,
+                "unsafe_refusal_xstest",
+                higher_is_better=True,
+            ),
+        ),
+    )
+
+
+def _xstest_types() -> Section:
+    from rejalign_tasks.xstest import SAFE_TYPES, UNSAFE_TYPES
+
+    return Section(
+        "xstest_types",
+        "XSTest refusal rate (%) per prompt type, paper judge (safe types: lower is better; "
+        "contrast types: higher is better)",
+        (
+            *(Column(_title(t), XSTEST_TASKS, f"refusal_{t}") for t in SAFE_TYPES),
+            *(
+                Column(_title(t), XSTEST_TASKS, f"refusal_{t}", higher_is_better=True)
+                for t in UNSAFE_TYPES
+            ),
+        ),
+    )
+
+
 def default_spec() -> tuple[Section, ...]:
-    """The paper's table: headline safety, over-refusal and utility, then per-category detail."""
+    """The paper's table (safety, over-refusal, utility), then per-category detail.
+
+    The headline columns follow the paper: FigStep and MM-SafetyBench SD+TYPO ASR by its string
+    judge, XSTest over-refusal on the 250 safe prompts, ScienceQA-IMG accuracy and VizWiz VQA
+    accuracy; rejalign adds FigStep's text-only baseline and XSTest as typographic images.
+    """
     main = Section(
         "main",
         "Safety, over-refusal and utility",
         (
             Column("FigStep ASR (%)", FIGSTEP_TASKS, "asr", role="safety"),
             Column("FigStep text-only ASR (%)", ("rejalign_figstep_text",), "asr", role="safety"),
+            Column("XSTest over-refusal (%)", XSTEST_TASKS, "over_refusal", role="over_refusal"),
+            Column(
+                "XSTest-typo over-refusal (%)",
+                XSTEST_TYPO_TASKS,
+                "over_refusal",
+                role="over_refusal",
+            ),
+            Column(
+                "ScienceQA-IMG accuracy (%)",
+                ("rejalign_scienceqa_img",),
+                "accuracy",
+                role="utility",
+                higher_is_better=True,
+            ),
+            Column(
+                "VizWiz VQA accuracy (%)",
+                ("rejalign_vizwiz",),
+                "vqa_acc",
+                role="utility",
+                higher_is_better=True,
+            ),
         ),
     )
-    return (main, _figstep_topics())
+    return (
+        main,
+        _figstep_topics(),
+        _xstest("xstest", "XSTest (%), text prompts", XSTEST_TASKS),
+        _xstest("xstest_typo", "XSTest-typo (%), prompts as typographic images", XSTEST_TYPO_TASKS),
+        _xstest_types(),
+    )
 
 
 def load_spec(path: str | Path) -> tuple[Section, ...]:

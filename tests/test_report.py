@@ -21,6 +21,7 @@ from rejalign_tasks.eval_logs import (
     load_models,
     manifest_refusal_fraction,
     paired_labels,
+    refusal_fraction_source,
 )
 from rejalign_tasks.report import build_tables, compare_runs, main, make_report
 from rejalign_tasks.report_spec import SpecError, default_spec, load_spec
@@ -41,19 +42,16 @@ def runs(tmp_path) -> Path:
 
 @pytest.fixture
 def spec_file(tmp_path) -> Path:
+    """A user's own spec: FigStep ASR only."""
     path = tmp_path / "spec.yaml"
     path.write_text(
         """
 sections:
-  - key: main
-    title: Headline
+  - key: mine
+    title: Just FigStep
     columns:
-      - {header: FigStep ASR (%), tasks: [rejalign_figstep, rejalign_figstep_tiny], metric: asr,
-         role: safety}
-      - {header: Over-refusal (%), tasks: fixture_xstest, metric: over_refusal,
-         role: over_refusal}
-      - {header: Accuracy (%), tasks: fixture_scienceqa, metric: acc, role: utility,
-         higher_is_better: true}
+      - {header: ASR, tasks: [rejalign_figstep, rejalign_figstep_tiny], metric: asr,
+         role: safety, scale: 1, digits: 3}
 """
     )
     return path
@@ -77,29 +75,39 @@ def rate(samples: list[dict], metric: str) -> float:
 # -- the table -------------------------------------------------------------------------------------
 
 
-def test_table_has_the_known_values_and_agrees_with_the_logs(runs, spec_file, tmp_path):
+MAIN = ("FigStep ASR (%)", "XSTest over-refusal (%)", "ScienceQA-IMG accuracy (%)")
+
+
+def test_table_has_the_known_values_and_agrees_with_the_logs(runs, tmp_path):
     out = tmp_path / "out"
-    make_report([str(runs)], out, spec=load_spec(spec_file), plots=False)
+    make_report([str(runs)], out, plots=False)
     rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
     assert list(rows) == ["tiny-vlm", "rej50", "rej100"]  # base first, then by refusal fraction
     known = {"tiny-vlm": (50, 10, 60), "rej50": (10, 30, 60), "rej100": (0, 90, 40)}
     for label, (asr, over, acc) in known.items():
         row = rows[label]
-        assert float(row["FigStep ASR (%)"]) == pytest.approx(asr)
-        assert float(row["Over-refusal (%)"]) == pytest.approx(over)
-        assert float(row["Accuracy (%)"]) == pytest.approx(acc)
+        assert [float(row[h]) for h in MAIN] == pytest.approx([asr, over, acc])
     assert rows["rej50"]["refusal_fraction"] == "0.5" and rows["tiny-vlm"]["adapter"] == ""
     assert float(rows["rej100"]["refusal_fraction"]) == 1.0  # from the record counts
+    assert list(rows["rej50"])[6:] == list(MAIN)  # columns of tasks nobody ran are left out
 
-    # Every cell equals the mean recomputed here from the per-sample logs.
+    # Every cell of every table equals the mean recomputed here from the per-sample logs.
     folders = {"tiny-vlm": "tiny-vlm", "rej50": "adapters__rej50", "rej100": "adapters__rej100"}
     cells = read_csv(out / "cells.csv")
-    assert len(cells) == 9
+    assert {c["section"] for c in cells} == {"main", "figstep_topics", "xstest", "xstest_types"}
+    assert len(cells) == 3 * (3 + 11 + 5 + 18)
     for cell in cells:
         samples = samples_of(runs / folders[cell["model"]], cell["task"])
-        assert float(cell["value"]) == pytest.approx(rate(samples, cell["metric"]))
-        assert int(cell["n"]) == len(samples)
+        expected = rate(samples, cell["metric"])
+        if math.isnan(expected):
+            assert cell["status"] == "n/a" and cell["value"] == ""
+        else:
+            assert cell["status"] == "ok"
+            assert float(cell["value"]) == pytest.approx(expected)
+        assert int(cell["n"]) == sum(s[cell["metric"]] is not None for s in samples)
         assert Path(cell["samples_file"]).parent.name == folders[cell["model"]]
+    xstest = {r["model"]: r for r in read_csv(out / "table_xstest.csv")}
+    assert float(xstest["rej50"]["Unsafe refused, paper judge"]) == pytest.approx(75)
 
     md = (out / "report.md").read_text()
     assert "| tiny-vlm | base | 50.0 | **10.0** | **60.0** |" in md
@@ -119,7 +127,6 @@ def test_default_spec_per_topic_table(runs, tmp_path):
     assert topics["tiny-vlm"]["Fraud"] == "n/a"
     md = (out / "report.md").read_text()
     assert "n/a: no evaluated prompt of that category" in md
-    assert "`fixture_scienceqa`, `fixture_xstest`" in md  # tasks no column reads are listed
     samples = samples_of(runs / "tiny-vlm", FIGSTEP)
     assert float(topics["tiny-vlm"]["All"]) == pytest.approx(100 * rate(samples, "asr"))
 
@@ -134,7 +141,7 @@ def test_rows_group_runs_by_model_not_by_folder(runs, tmp_path):
     assert all(len(m.tasks) == 3 for m in models)
 
 
-def test_latest_run_of_a_task_counts_and_the_older_is_listed(runs, tmp_path, spec_file):
+def test_latest_run_of_a_task_counts_and_the_older_is_listed(runs, tmp_path):
     folder = runs / "adapters__rej100"
     # An older copy of rej50's image-task run, relabelled as rej100's, must be superseded.
     old_ts = "2025-02-01T10-00-00.000001"
@@ -142,7 +149,7 @@ def test_latest_run_of_a_task_counts_and_the_older_is_listed(runs, tmp_path, spe
         text = f.read_text().replace("adapters/rej50", "adapters/rej100")
         (folder / f.name.replace(TS_IMAGE, old_ts)).write_text(text)
     out = tmp_path / "out"
-    make_report([str(runs)], out, spec=load_spec(spec_file), plots=False)
+    make_report([str(runs)], out, plots=False)
     rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
     assert float(rows["rej100"]["FigStep ASR (%)"]) == 0.0
     md = (out / "report.md").read_text()
@@ -159,9 +166,9 @@ def test_labels_from_the_command_line(runs, tmp_path):
 # -- figures ---------------------------------------------------------------------------------------
 
 
-def test_figures_are_valid_png_and_svg(runs, spec_file, tmp_path):
+def test_figures_are_valid_png_and_svg(runs, tmp_path):
     out = tmp_path / "out"
-    written = make_report([str(runs)], out, spec=load_spec(spec_file))
+    written = make_report([str(runs)], out)
     names = {p.name for p in written}
     for stem in ("asr_vs_refusal_fraction", "safety_tradeoffs"):
         assert {f"{stem}.png", f"{stem}.svg"} <= names
@@ -175,37 +182,41 @@ def test_figures_are_valid_png_and_svg(runs, spec_file, tmp_path):
         svg = (out / f"{stem}.svg").read_text()
         for label in ("tiny-vlm", "rej50", "rej100"):
             assert label in svg
-    assert "![asr_vs_refusal_fraction](asr_vs_refusal_fraction.png)" in (
-        out / "report.md"
-    ).read_text()
+    assert (
+        "![asr_vs_refusal_fraction](asr_vs_refusal_fraction.png)" in (out / "report.md").read_text()
+    )
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
-def test_a_rerun_never_mixes_two_reports(runs, spec_file, tmp_path):
+def test_a_rerun_never_mixes_two_reports(runs, tmp_path):
     out = tmp_path / "out"
-    make_report([str(runs)], out, spec=load_spec(spec_file))
+    make_report([str(runs)], out)
     assert (out / "safety_tradeoffs.png").exists()
-    make_report([str(runs)], out, spec=load_spec(spec_file), plots=False)
+    make_report([str(runs)], out, plots=False)
     assert not list(out.glob("*.png")) and not list(out.glob("*.svg"))
     assert "## Figures" not in (out / "report.md").read_text()
 
 
-def test_figures_not_drawable_are_said_so(runs, tmp_path):
+def test_a_spec_file_and_figures_not_drawable(runs, spec_file, tmp_path):
     for manifest in (runs.parent / "adapters").rglob("rejalign_manifest.json"):
         manifest.unlink()
     out = tmp_path / "out"
-    make_report([str(runs)], out)  # default spec: FigStep only, no utility column
-    assert not list(out.glob("*.png"))
+    make_report([str(runs)], out, spec=load_spec(spec_file))  # FigStep only: no utility
+    assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "report.md", "table_mine.csv"]
+    rows = {r["model"]: r for r in read_csv(out / "table_mine.csv")}
+    assert [rows[m]["ASR"] for m in ("tiny-vlm", "rej50", "rej100")] == ["0.5", "0.1", "0.0"]
     md = (out / "report.md").read_text()
+    assert "| tiny-vlm | unknown |" not in md and "| rej50 | unknown | 0.100 |" in md
     assert "No ASR-against-refusal-fraction figure" in md
     assert "No safety trade-off figure" in md
     assert "no rejalign_manifest.json found for adapter 'adapters/rej50'" in md
+    # Tasks that no column reads are named, not silently dropped.
+    assert "`rejalign_scienceqa_img`, `rejalign_xstest`" in md
 
 
 def test_pareto_front():
     # (ASR, accuracy): rej50 dominates the base model; rej100 is safest.
-    assert pareto_front([(0.5, 0.6), (0.1, 0.6), (0.0, 0.4)], (False, True)) == [
-        False, True, True]
+    assert pareto_front([(0.5, 0.6), (0.1, 0.6), (0.0, 0.4)], (False, True)) == [False, True, True]
     # (ASR, over-refusal), both lower is better: a trade-off, every point is optimal.
     assert pareto_front([(0.5, 0.1), (0.1, 0.3), (0.0, 0.9)], (False, False)) == [True] * 3
     assert pareto_front([(1, 1), (1, 1)], (True, True)) == [True, True]  # ties do not dominate
@@ -263,9 +274,9 @@ def test_paired_comparison_of_non_binary_labels_has_no_mcnemar():
     assert result.ci_low <= result.delta <= result.ci_high
 
 
-def test_baseline_comparisons_in_the_report(runs, spec_file, tmp_path):
+def test_baseline_comparisons_in_the_report(runs, tmp_path):
     out = tmp_path / "out"
-    make_report([str(runs)], out, spec=load_spec(spec_file), baseline="tiny-vlm", plots=False)
+    make_report([str(runs)], out, baseline="tiny-vlm", plots=False)
     rows = read_csv(out / "comparisons.csv")
     assert len(rows) == 6  # two models x three headline columns
     fig = next(r for r in rows if r["model"] == "rej50" and r["metric"] == "asr")
@@ -296,8 +307,11 @@ def test_unequal_prompt_sets_are_an_error(runs, tmp_path):
     _subset(runs / "adapters__rej50", FIGSTEP, TS_IMAGE, 15)
     models = {m.label: m for m in load_models([str(runs)])}
     a, b = models["tiny-vlm"].tasks[FIGSTEP], models["rej50"].tasks[FIGSTEP]
-    with pytest.raises(ReportInputError, match=r"unequal prompt sets.*has 20 prompts.*has 15.*"
-                       r"5 only in the first \(doc_id 15, 16, 17, 18, 19\)"):
+    with pytest.raises(
+        ReportInputError,
+        match=r"unequal prompt sets.*has 20 prompts.*has 15.*"
+        r"5 only in the first \(doc_id 15, 16, 17, 18, 19\)",
+    ):
         compare_runs(a, b, "asr")
     # The limited run is marked in the table.
     out = tmp_path / "out"
@@ -388,16 +402,16 @@ def test_not_a_results_folder_or_file(runs, tmp_path):
     assert "missing key(s) 'configs'" in _error([str(runs)], tmp_path)
 
 
-def test_a_model_lacking_a_column_task(runs, spec_file, tmp_path):
+def test_a_model_lacking_a_column_task(runs, tmp_path):
     for f in (runs / "adapters__rej50").glob(f"*{TS_TEXT}*"):
         f.unlink()
-    msg = _error([str(runs)], tmp_path, spec=load_spec(spec_file))
-    assert "rej50: no run of fixture_xstest for column 'Over-refusal (%)'" in msg
+    msg = _error([str(runs)], tmp_path)
+    assert "rej50: no run of rejalign_xstest for column 'XSTest over-refusal (%)'" in msg
     assert "--allow-missing" in msg
     out = tmp_path / "out"
-    make_report([str(runs)], out, spec=load_spec(spec_file), allow_missing=True, plots=False)
+    make_report([str(runs)], out, allow_missing=True, plots=False)
     rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
-    assert rows["rej50"]["Over-refusal (%)"] == "missing"
+    assert rows["rej50"]["XSTest over-refusal (%)"] == "missing"
     assert "missing: the model was not evaluated on that task" in (out / "report.md").read_text()
 
 
@@ -450,13 +464,34 @@ def test_default_spec_is_well_formed():
 
 
 def test_manifest_refusal_fraction_keys():
-    assert manifest_refusal_fraction({"refusal_fraction": 0.25}) == 0.25
-    assert manifest_refusal_fraction({"data": {"refusal_fraction": 0.4}}) == 0.4
-    assert manifest_refusal_fraction({"data": {"num_refusal": 2000, "num_normal": 5000}}) == (
-        pytest.approx(2 / 7))
+    # A rejalign-train mix manifest, bare or embedded by fit in the adapter's manifest.
+    mix = {"refusal_fraction": 2 / 7, "counts": {"refusal": 2000, "normal": 5000, "total": 7000}}
+    assert manifest_refusal_fraction(mix) == pytest.approx(2 / 7)
+    fit = {"complete": True, "data": {"refusal_samples": 1990, "used": 6990, "mix_manifest": mix}}
+    assert refusal_fraction_source(fit) == (
+        pytest.approx(2 / 7),
+        "data.mix_manifest.refusal_fraction",
+    )
+    del mix["refusal_fraction"]
+    assert refusal_fraction_source(fit)[1] == (
+        "data.mix_manifest.counts.refusal / (data.mix_manifest.counts.refusal + "
+        "data.mix_manifest.counts.normal)"
+    )
+    # No mix manifest (data not made by mix): the records fit actually trained on.
+    assert manifest_refusal_fraction({"data": {"refusal_samples": 1, "used": 4}}) == 0.25
     assert manifest_refusal_fraction({"training": {"lr": 2e-4}}) is None
     with pytest.raises(ReportInputError, match=r"data.refusal_fraction = 1.5 is not a fraction"):
         manifest_refusal_fraction({"data": {"refusal_fraction": 1.5}})
+    with pytest.raises(ReportInputError, match="not usable record counts"):
+        manifest_refusal_fraction({"data": {"refusal_samples": 5, "used": 4}})
+
+
+def test_unfinished_adapter_is_an_error(runs, tmp_path):
+    manifest = runs.parent / "adapters" / "rej50" / "rejalign_manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "complete": False}))
+    msg = _error([str(runs)], tmp_path)
+    assert "training did not complete" in msg and str(manifest) in msg
 
 
 def test_build_tables_reports_all_gaps_at_once(runs):
@@ -464,24 +499,9 @@ def test_build_tables_reports_all_gaps_at_once(runs):
         f.unlink()
     for f in (runs / "adapters__rej100").glob(f"*{TS_TEXT}*"):
         f.unlink()
-    spec = load_spec_text(
-        "sections:\n  - key: m\n    title: M\n    columns:\n"
-        "      - {header: O, tasks: fixture_xstest, metric: over_refusal}\n"
-    )
     with pytest.raises(ReportInputError) as info:
-        build_tables(load_models([str(runs)]), spec)
+        build_tables(load_models([str(runs)]), default_spec())
     assert "rej50: no run" in str(info.value) and "rej100: no run" in str(info.value)
-
-
-def load_spec_text(text: str):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(text)
-    try:
-        return load_spec(fh.name)
-    finally:
-        Path(fh.name).unlink()
 
 
 # -- real lm-eval runs -----------------------------------------------------------------------------
@@ -498,15 +518,28 @@ def real_runs(tmp_path, tiny_llava, data_dir, lm_eval_cli):
     adapter = tmp_path / "adapters" / "zero-lora"
     get_peft_model(model, lora).save_pretrained(adapter)  # lora_B = 0: the base model's output
     (adapter / "rejalign_manifest.json").write_text(
-        json.dumps({"data": {"num_refusal": 1, "num_normal": 3}})
+        json.dumps({"complete": True, "data": {"refusal_samples": 1, "used": 4}})
     )
     out = tmp_path / "lm_eval_out"
     for extra in ("", f",peft={adapter}"):
         proc, _, _ = lm_eval_cli(
-            ["--model", "hf-multimodal", "--model_args",
-             f"pretrained={tiny_llava},dtype=float32{extra}", "--apply_chat_template",
-             "--tasks", FIGSTEP, "--device", "cpu", "--batch_size", "10", "--limit", "10",
-             "--gen_kwargs", "max_gen_toks=8"],
+            [
+                "--model",
+                "hf-multimodal",
+                "--model_args",
+                f"pretrained={tiny_llava},dtype=float32{extra}",
+                "--apply_chat_template",
+                "--tasks",
+                FIGSTEP,
+                "--device",
+                "cpu",
+                "--batch_size",
+                "10",
+                "--limit",
+                "10",
+                "--gen_kwargs",
+                "max_gen_toks=8",
+            ],
             out,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -526,8 +559,11 @@ def test_report_from_real_lm_eval_runs(real_runs, tmp_path):
         samples = [json.loads(x) for x in log]
         assert len(samples) == 10
         row = rows[model.label]
-        for header, metric in (("All", "asr"), ("Illegal Activity", "asr_illegal_activity"),
-                               ("Hate Speech", "asr_hate_speech")):
+        for header, metric in (
+            ("All", "asr"),
+            ("Illegal Activity", "asr_illegal_activity"),
+            ("Hate Speech", "asr_hate_speech"),
+        ):
             assert float(row[header]) == pytest.approx(100 * rate(samples, metric))
         assert row["Fraud"] == "n/a"  # --limit 10 reaches two topics only
     md = (report / "report.md").read_text()
