@@ -265,7 +265,8 @@ class HubImages:
                     f"MM-SafetyBench {kind} images: cannot load config {config!r}, split {kind!r} "
                     f"of the Hugging Face dataset {self.repo} ({type(exc).__name__}: {exc}). "
                     f"For a local copy in the upstream imgs/{{scenario}}/{kind}/{{id}}.jpg layout, "
-                    f'pass --metadata \'{{"image_dir": "DIR"}}\' or set {IMAGE_DIR_ENV}=DIR.'
+                    f'pass --metadata \'{{"mmsafety_image_dir": "DIR"}}\' or set '
+                    f"{IMAGE_DIR_ENV}=DIR."
                 ) from exc
             missing_columns = {"id", "image"} - set(table.column_names)
             if missing_columns:
@@ -319,7 +320,8 @@ def resolve_image_source(image_dir: str | None, hf_dataset: str | None) -> Image
         root = Path(folder).expanduser().resolve()
         if not root.is_dir():
             raise ImageSourceError(
-                f"MM-SafetyBench image folder {root} (from image_dir or {IMAGE_DIR_ENV}) not found"
+                f"MM-SafetyBench image folder {root} (from mmsafety_image_dir or {IMAGE_DIR_ENV}) "
+                "not found"
             )
         if not any((root / s).is_dir() for s in MMSAFETY_SCENARIOS) and (root / "imgs").is_dir():
             root = root / "imgs"
@@ -467,18 +469,24 @@ def _image_plan(
     return "compose_SD_TYPO", source
 
 
+# --metadata keys, prefixed so that one metadata dict can serve a group of benchmarks (FigStep
+# reads "font" too) without one benchmark's option leaking into another.
+OPTION_PREFIX = "mmsafety_"
+OPTIONS = (
+    "image_dir",
+    "hf_dataset",
+    "sd_typo_images",
+    "typo_images",
+    "image_encoding",
+    "font",
+    "text_prompt",
+)
+
+
 def _options(metadata: dict) -> dict:
-    """The task options found in lm-eval's metadata (which also carries model_args)."""
-    keys = (
-        "text_prompt",
-        "font",
-        "image_dir",
-        "hf_dataset",
-        "typo_images",
-        "sd_typo_images",
-        "image_encoding",
-    )
-    return {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    """This benchmark's options in lm-eval's metadata (which also carries model_args)."""
+    found = {k: metadata.get(OPTION_PREFIX + k) for k in OPTIONS}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _custom_dataset(mode: str, tiny: bool):

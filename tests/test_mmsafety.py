@@ -357,6 +357,17 @@ def test_tiny_list_errors(tmp_path, data_dir, monkeypatch):
         read_tiny_ids(path)
 
 
+def test_metadata_options_are_prefixed(data_dir, sd_dir):
+    """lm-eval hands one metadata dict (model_args included) to every task of a run."""
+    docs = mmsafety.sd_tiny(mmsafety_image_dir=str(sd_dir), pretrained="x")["test"]
+    assert len(docs) == 168 and docs[0]["image_source"] == f"dir:{sd_dir.resolve()}"
+    assert mmsafety.typo_tiny(font="/nonexistent/FigStep.ttf")["test"][0]["font_faithful"]
+    with pytest.raises(FileNotFoundError, match="MM-SafetyBench font"):
+        mmsafety.typo_tiny(mmsafety_font="/nonexistent/Arial.ttf")
+    text = mmsafety.text_tiny(mmsafety_text_prompt="question")["test"]
+    assert all(d["prompt"] == d["question"] for d in text)
+
+
 def test_unknown_option_values_are_rejected(data_dir):
     for option in ("text_prompt", "typo_images", "sd_typo_images", "image_encoding"):
         with pytest.raises(ValueError, match=f"{option}='nope'"):
@@ -442,7 +453,7 @@ def test_hub_dataset_layout(hub_snapshot, tmp_path, tiny_ids, data_dir):
     assert "config 'Fraud', split 'SD'" in str(err.value)
     with pytest.raises(ImageSourceError, match="split 'SD_TYPO'"):
         load_docs("sd_typo", tiny=True, hf_dataset=str(sd_only), sd_typo_images="upstream")
-    with pytest.raises(ImageSourceError, match="image_dir"):
+    with pytest.raises(ImageSourceError, match="mmsafety_image_dir"):
         load_docs("sd", tiny=True, hf_dataset=str(tmp_path / "no-such-dataset"))
 
 
@@ -517,7 +528,7 @@ def test_image_tasks_through_lm_eval(tiny_llava, lm_eval_cli, tmp_path, sd_dir, 
     tasks = [f"rejalign_mmsafety_{m}{t}" for m in IMAGE_TASKS for t in ("", "_tiny")]
     proc, results, samples = lm_eval_cli(
         [*_hf_multimodal(tiny_llava), "--tasks", ",".join(tasks), *COMMON, "--limit", "2",
-         "--batch_size", "2", "--metadata", json.dumps({"image_dir": str(sd_dir)})],
+         "--batch_size", "2", "--metadata", json.dumps({"mmsafety_image_dir": str(sd_dir)})],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -571,7 +582,7 @@ def test_per_scenario_results_from_hub_images(tiny_llava, lm_eval_cli, tmp_path,
     proc, results, samples = lm_eval_cli(
         [*_hf_multimodal(tiny_llava), "--tasks", name, *COMMON, "--batch_size", "13",
          "--samples", json.dumps({name: starts}),
-         "--metadata", json.dumps({"hf_dataset": str(hub_snapshot)})],
+         "--metadata", json.dumps({"mmsafety_hf_dataset": str(hub_snapshot)})],
         tmp_path,
         env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
     )
@@ -598,7 +609,7 @@ def test_missing_sd_image_fails_the_run(tiny_llava, lm_eval_cli, tmp_path, tiny_
     assert "28" in tiny_ids["07-Sex"]
     proc, results, _ = lm_eval_cli(
         [*_hf_multimodal(tiny_llava), "--tasks", "rejalign_mmsafety_sd_tiny", *COMMON,
-         "--limit", "1", "--metadata", json.dumps({"image_dir": str(folder)})],
+         "--limit", "1", "--metadata", json.dumps({"mmsafety_image_dir": str(folder)})],
         tmp_path / "out",
     )
     assert proc.returncode != 0 and results is None
