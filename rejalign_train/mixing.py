@@ -49,7 +49,6 @@ from typing import Any, Literal
 from rejalign_tasks.atomic import write_text_atomic
 from rejalign_train.records import (
     IMAGE_PLACEHOLDER,
-    BackgroundDigest,
     RecordError,
     RecordFile,
     check_placeholders,
@@ -220,10 +219,10 @@ def _draw(rng: random.Random, n: int, k: int) -> list[int]:
     return rng.sample(range(n), k)
 
 
-def _source_info(source: RecordFile, digest: BackgroundDigest) -> dict[str, Any]:
+def _source_info(source: RecordFile) -> dict[str, Any]:
     return {
         "path": str(source.path),
-        "sha256": digest.result(),
+        "sha256": source.sha256(),
         "records": len(source),
         "layout": source.layout,
     }
@@ -348,7 +347,7 @@ def mix(args: MixArguments) -> MixResult:
     inputs: dict[str, Any] = {}
 
     with RecordFile(args.refusal_source) as source1:
-        digest1 = BackgroundDigest(source1)
+        source1.start_sha256()
         n1 = len(source1)
         if args.official:
             k1 = min(want1, n1)
@@ -362,14 +361,14 @@ def mix(args: MixArguments) -> MixResult:
         raws1 = [source1.load(i) for i in picks1]
         checked1 = [normalise(raw, source1.path, i) for raw, i in zip(raws1, picks1, strict=True)]
         drawn_ids = {raw.get("id") for raw in raws1} - {None}
-        inputs["refusal"] = _source_info(source1, digest1)
+        inputs["refusal"] = _source_info(source1)
 
     raws2: list[dict] = []
     checked2: list[dict] = []
     excluded = 0
     if args.normal_source:
         with RecordFile(args.normal_source) as source2:
-            digest2 = BackgroundDigest(source2)
+            source2.start_sha256()
             ids2 = source2.ids()
             n2 = len(source2)
             if args.official:
@@ -394,7 +393,7 @@ def mix(args: MixArguments) -> MixResult:
             checked2 = [
                 normalise(raw, source2.path, i) for raw, i in zip(raws2, picks2, strict=True)
             ]
-            inputs["normal"] = _source_info(source2, digest2)
+            inputs["normal"] = _source_info(source2)
 
     sentences = [
         args.sentences[0] if len(args.sentences) == 1 else sentence_rng.choice(args.sentences)

@@ -139,10 +139,14 @@ class RecordFile:
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._raws: list[msgspec.Raw] | None = None  # JSON array: one zero-copy slice a record
         self._offsets: array | None = None  # JSON Lines: start/end byte of each record line
+        self._digest_thread: threading.Thread | None = None
+        self._digest: str | BaseException | None = None
         self._index()
 
     # -- life cycle
     def close(self) -> None:
+        if self._digest_thread is not None:
+            self._digest_thread.join()  # it reads the map
         self._raws = None  # the slices pin the map: drop them first
         if not self._mm.closed:
             self._mm.close()
@@ -268,35 +272,28 @@ class RecordFile:
         )
 
     def sha256(self) -> str:
-        """sha256 of the file's bytes (hashlib releases the GIL, so this can run in a thread)."""
-        digest = hashlib.sha256()
-        with memoryview(self._mm) as view:
-            digest.update(view)
-        return digest.hexdigest()
+        """sha256 of the file's bytes (computed once; see :meth:`start_sha256`)."""
+        self.start_sha256()
+        assert self._digest_thread is not None
+        self._digest_thread.join()
+        if isinstance(self._digest, BaseException):
+            raise self._digest
+        return self._digest
 
+    def start_sha256(self) -> None:
+        """Hash the file in a thread while the caller scans it (hashlib releases the GIL)."""
+        if self._digest_thread is None:
+            self._digest_thread = threading.Thread(target=self._hash, daemon=True)
+            self._digest_thread.start()
 
-class BackgroundDigest:
-    """sha256 of a file computed in a thread while the caller scans it (hashlib drops the GIL)."""
-
-    def __init__(self, record_file: RecordFile) -> None:
-        self._file = record_file
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
+    def _hash(self) -> None:
         try:
-            self._value = self._file.sha256()
-        except BaseException as exc:  # re-raised in result()
-            self._error = exc
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
+            digest = hashlib.sha256()
+            with memoryview(self._mm) as view:
+                digest.update(view)
+            self._digest = digest.hexdigest()
+        except BaseException as exc:  # re-raised by sha256()
+            self._digest = exc
 
 
 # ----------------------------------------------------------------------------------------------
