@@ -1,0 +1,516 @@
+"""``rejalign-train fit``: LoRA-finetune a VLM on refusal-mixed data with the HF Trainer.
+
+The run writes into ``OUTPUT_DIR.incomplete`` (checkpoints, then the final files) and renames the
+finished folder to ``OUTPUT_DIR`` as its last act, so an interrupted run never leaves a folder
+that looks finished; ``--resume`` picks the interrupted run up from its last checkpoint. The
+output folder holds a standard peft adapter (``adapter_model.safetensors``, loadable by lm-eval's
+``hf-multimodal`` ``peft=`` and ``vllm-vlm`` ``lora_local_path=``), the processor with its chat
+template, ``rejalign_manifest.json`` and, with ``--merge``, merged full weights in ``merged/``.
+
+The same command runs under ``accelerate launch`` or ``torchrun`` (DDP, DeepSpeed ZeRO-2/3, FSDP
+through the usual ``--deepspeed``/``--fsdp`` Trainer flags): only the main process touches the
+output folders, and the adapter is saved through ``Trainer.save_model``, which gathers sharded
+weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    Trainer,
+    TrainerCallback,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from rejalign_train.chat import ChatRenderer
+from rejalign_train.collator import VisionChatCollator
+from rejalign_train.config import DataArguments, FitArguments, ModelArguments
+from rejalign_train.dataset import SampleDataset, prepare_samples
+from rejalign_train.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    is_finished,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    utc_now,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+INCOMPLETE_SUFFIX = ".incomplete"
+RUN_SPEC_NAME = "rejalign_run.json"
+MERGED_DIR = "merged"
+# Where VLM classes keep the module that maps vision features into the language model.
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector", "projector")
+
+
+class FitError(RuntimeError):
+    """fit cannot start or finish as asked; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def language_model_path(model: nn.Module) -> str:
+    """Qualified name of the language model inside a VLM (``model.language_model`` for LLaVA)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        raise FitError(f"{type(model).__name__}: cannot find its language model (get_decoder)")
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    raise FitError(f"{type(model).__name__}: its language model is not one of its modules")
+
+
+def lora_target_modules(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Qualified names of the language model's linear layers to adapt.
+
+    Only layers inside the language model qualify: never the vision tower (whose attention
+    layers share names such as ``q_proj``) and never ``lm_head``.
+    """
+    prefix = language_model_path(model) + "."
+    found = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(prefix) and isinstance(module, nn.Linear)
+    ]
+    if names:
+        wanted = set(names)
+        chosen = [n for n in found if n.rsplit(".", 1)[-1] in wanted]
+        missing = wanted - {n.rsplit(".", 1)[-1] for n in chosen}
+        if missing:
+            available = sorted({n.rsplit(".", 1)[-1] for n in found})
+            raise FitError(
+                f"--lora-target-modules {' '.join(sorted(missing))}: not linear layers of the "
+                f"language model (it has {', '.join(available)})"
+            )
+        found = chosen
+    if not found:
+        raise FitError(f"{type(model).__name__}: no linear layer in its language model")
+    return found
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    """A compact ``re.fullmatch`` pattern for peft, equal to the explicit module list."""
+    prefix = os.path.commonprefix(modules).rsplit(".", 1)[0]
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    pattern = rf"{re.escape(prefix)}\..*\.(?:{'|'.join(map(re.escape, leaves))})"
+    if [m for m in modules if not re.fullmatch(pattern, m)]:
+        return "|".join(map(re.escape, modules))
+    return pattern
+
+
+def projector_path(model: nn.Module) -> str:
+    """Qualified name of the vision-language projector."""
+    lm = language_model_path(model)
+    for name, _ in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in PROJECTOR_NAMES and not name.startswith(lm + "."):
+            return name
+    raise FitError(
+        f"{type(model).__name__}: no projector module found (looked for "
+        f"{', '.join(PROJECTOR_NAMES)}); pass --train-projector false"
+    )
+
+
+def resolve_dtype(model_args: ModelArguments, train_args: FitArguments) -> torch.dtype:
+    if model_args.dtype == "auto":
+        return torch.bfloat16 if train_args.bf16 else torch.float32
+    try:
+        dtype = getattr(torch, model_args.dtype)
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise FitError(f"--dtype {model_args.dtype}: not a torch dtype")
+    return dtype
+
+
+def load_model(model_args: ModelArguments, dtype: torch.dtype):
+    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return AutoModelForImageTextToText.from_pretrained(model_args.model, **kwargs)
+
+
+def add_lora(model: nn.Module, model_args: ModelArguments) -> tuple[nn.Module, dict]:
+    """Wrap ``model`` with LoRA on the language model (and a trainable projector copy)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, model_args.lora_target_modules)
+    modules_to_save = [projector_path(model)] if model_args.train_projector else None
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=lora_target_regex(targets),
+        modules_to_save=modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    for param in model.parameters():  # trainable weights in fp32: AdamW on bf16 weights stalls
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "LoRA r=%d on %d linear layers of the language model; projector %s; %d of %d "
+        "parameters trainable",
+        model_args.lora_r,
+        len(targets),
+        modules_to_save[0] if modules_to_save else "frozen",
+        trainable,
+        total,
+    )
+    info = {
+        "target_modules": targets,
+        "modules_to_save": modules_to_save or [],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    return model, info
+
+
+def end_of_turn_tokens(processor, model_name: str, trust_remote_code: bool) -> list[str]:
+    """Tokens that end a reply: the tokenizer's EOS and the generation config's EOS ids."""
+    tokenizer = processor.tokenizer
+    ids: list[int] = []
+    try:
+        gen = GenerationConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        eos = gen.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+    except (OSError, ValueError):
+        pass
+    return [t for t in tokenizer.convert_ids_to_tokens(ids) if t] + [tokenizer.eos_token]
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class FitTrainer(Trainer):
+    """The HF Trainer with the projector in its own parameter groups at its own learning rate."""
+
+    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and self.projector_lr is not None:
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, param in opt_model.named_parameters():
+                if param.requires_grad:
+                    key = (".modules_to_save." in name, name in decay)
+                    groups.setdefault(key, []).append(param)
+            param_groups = []  # LoRA first: the logged learning rate is the first group's
+            for (is_projector, decays), params in sorted(groups.items()):
+                group = {
+                    "params": params,
+                    "weight_decay": self.args.weight_decay if decays else 0.0,
+                }
+                if is_projector:
+                    group["lr"] = self.projector_lr
+                param_groups.append(group)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of the training loop, for the manifest."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def incomplete_dir(output_dir: str | os.PathLike) -> Path:
+    final = Path(output_dir).expanduser().resolve()
+    return final.with_name(final.name + INCOMPLETE_SUFFIX)
+
+
+def _run_spec(model_args, data_args, train_args, data_sha256: str) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    return {
+        "model": model_args.model,
+        "data_sha256": data_sha256,
+        "model_args": dataclasses.asdict(model_args),
+        "data_args": {k: v for k, v in dataclasses.asdict(data_args).items() if k != "data"},
+        "seed": train_args.seed,
+        "learning_rate": train_args.learning_rate,
+        "num_train_epochs": train_args.num_train_epochs,
+        "max_steps": train_args.max_steps,
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+    }
+
+
+def _check_resumable(work: Path, spec: dict) -> None:
+    path = work / RUN_SPEC_NAME
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    changed = sorted(k for k in spec if previous.get(k) != spec[k])
+    if changed:
+        raise FitError(
+            f"--resume: {work} was started with different {', '.join(changed)}; resume with the "
+            "same settings, or pass --overwrite-output-dir to start over"
+        )
+
+
+def _prepare_folders(final: Path, work: Path, train_args: FitArguments, is_main: bool) -> bool:
+    """Check the output folders; return True when the run is already finished (--resume)."""
+    if final.exists():
+        if is_finished(final):
+            if train_args.resume and not train_args.overwrite_output_dir:
+                logger.info("%s is already a finished run; nothing to resume", final)
+                return True
+            if not train_args.overwrite_output_dir:
+                raise FitError(
+                    f"{final} already holds a finished adapter; pass --overwrite-output-dir to "
+                    "replace it"
+                )
+        elif not train_args.overwrite_output_dir:
+            raise FitError(
+                f"{final} exists and is not a finished rejalign adapter; choose another "
+                "--output-dir or pass --overwrite-output-dir"
+            )
+    if work.exists():
+        if train_args.overwrite_output_dir and not train_args.resume:
+            if is_main:
+                shutil.rmtree(work)
+        elif not train_args.resume:
+            raise FitError(
+                f"an interrupted run left {work}; pass --resume to continue it or "
+                "--overwrite-output-dir to start over"
+            )
+    elif train_args.resume:
+        logger.warning("--resume: no interrupted run at %s; starting from the beginning", work)
+    return False
+
+
+def _finalise(staging: Path, final: Path, work: Path) -> None:
+    """Move the finished folder into place (the run's last act), then drop the work folder."""
+    old = work / "previous"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def merge_adapter(
+    base: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False
+) -> None:
+    """Write base + adapter as one full model (with the processor) into ``out_dir``."""
+    from peft import PeftModel
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        base, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(
+        out_dir
+    )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def read_training_records(path: str):
+    """Normalised, checked records from the ``mix`` output (or any LLaVA/messages file)."""
+    from rejalign_train.records import iter_records
+
+    return iter_records(path)
+
+
+def mix_manifest(data: Path) -> tuple[Path | None, dict | None]:
+    """The manifest ``rejalign-train mix`` wrote beside ``data`` (path and content), if any."""
+    from rejalign_train.mixing import manifest_path
+
+    path = manifest_path(data)
+    if not path.is_file():
+        return None, None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{path}: unreadable mix manifest ({exc})") from exc
+    return path, content
+
+
+def fit(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: FitArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path:
+    """Train and write the adapter; return the finished output folder."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    final = Path(train_args.output_dir).expanduser().resolve()
+    work = incomplete_dir(final)
+    if _prepare_folders(final, work, train_args, state.is_main_process):
+        return final
+    state.wait_for_everyone()
+
+    data_path = Path(data_args.data).expanduser()
+    if not data_path.is_file():
+        raise FitError(f"--data {data_path}: file not found")
+    data_sha256 = sha256_file(data_path)
+    mix_path, mix_content = mix_manifest(data_path)
+    spec = _run_spec(model_args, data_args, train_args, data_sha256)
+    if train_args.resume and work.exists():
+        _check_resumable(work, spec)
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / RUN_SPEC_NAME).exists():
+            write_json_atomic(work / RUN_SPEC_NAME, spec)
+    train_args.output_dir = str(work)  # checkpoints go to the work folder
+    set_seed(train_args.seed)
+
+    processor = AutoProcessor.from_pretrained(
+        model_args.model, trust_remote_code=model_args.trust_remote_code
+    )
+    renderer = ChatRenderer(
+        processor,
+        end_of_turn_tokens(processor, model_args.model, model_args.trust_remote_code),
+    )
+    image_root = data_args.image_root or str(data_path.parent)
+    samples, stats = prepare_samples(
+        read_training_records(str(data_path)),
+        processor,
+        renderer,
+        source=str(data_path),
+        image_root=image_root,
+        max_length=data_args.max_length,
+        overlong=data_args.overlong,
+        refusal_sentence=data_args.refusal_sentence,
+        progress=state.is_main_process,
+    )
+    if data_args.refusal_eos == "mask" and stats.refusal_samples == 0:
+        logger.warning(
+            "no sample contains the refusal sentence %r: --refusal-eos mask changes nothing",
+            data_args.refusal_sentence,
+        )
+
+    dtype = resolve_dtype(model_args, train_args)
+    model = load_model(model_args, dtype)
+    model.config.use_cache = False
+    model, lora_info = add_lora(model, model_args)
+    if train_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    timer = _StepTimer()
+    trainer = FitTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=SampleDataset(samples),
+        data_collator=VisionChatCollator(
+            processor, refusal_eos=data_args.refusal_eos, max_length=data_args.max_length
+        ),
+        processing_class=processor,
+        callbacks=[timer, *(callbacks or [])],
+        projector_lr=model_args.projector_lr if model_args.train_projector else None,
+    )
+    checkpoint = get_last_checkpoint(str(work)) if train_args.resume and work.exists() else None
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    staging = work / "final"
+    if state.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    state.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank: gathers ZeRO-3/FSDP shards
+    if state.is_main_process:
+        processor.save_pretrained(staging)
+        merged = None
+        if train_args.merge:
+            merge_adapter(
+                model_args.model, staging, staging / MERGED_DIR, dtype, model_args.trust_remote_code
+            )
+            merged = MERGED_DIR
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "complete": True,
+            "finished": utc_now(),
+            "base_model": model_args.model,
+            "adapter": {"type": "lora", **lora_info},
+            "merged": merged,
+            "data": {
+                "path": str(data_path.resolve()),
+                "sha256": data_sha256,
+                "image_root": str(Path(image_root).resolve()),
+                "records": stats.records,
+                "used": stats.used,
+                "refusal_samples": stats.refusal_samples,
+                "images": stats.images,
+                "skipped_overlong": stats.skipped_overlong,
+                "skipped_ids": stats.skipped_ids,
+                "max_tokens": stats.max_tokens,
+                "refusal_fraction": stats.refusal_samples / stats.used,
+                "mix_manifest": mix_content,
+                "mix_manifest_path": str(mix_path) if mix_path else None,
+                "mix_manifest_sha256": sha256_file(mix_path) if mix_path else None,
+            },
+            "hyperparameters": {
+                "model": dataclasses.asdict(model_args),
+                "data": dataclasses.asdict(data_args),
+                "training": train_args.to_dict(),
+            },
+            "training": {
+                "global_step": trainer.state.global_step,
+                "epochs": trainer.state.epoch,
+                "train_loss": result.training_loss,
+                "log_history": trainer.state.log_history,
+                "resumed_from": Path(checkpoint).name if checkpoint else None,
+                "world_size": state.num_processes,
+                "seconds": getattr(timer, "seconds", None),
+                "chat_template_generation_marks": renderer.has_generation_tags,
+            },
+            "versions": library_versions(),
+        }
+        write_json_atomic(staging / MANIFEST_NAME, manifest)
+        _finalise(staging, final, work)
+        logger.info("finished: %s", final)
+    state.wait_for_everyone()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rejalign-train fit [CONFIG.yaml] [--flags]``."""
+    from rejalign_train.config import parse_fit_args
+
+    model_args, data_args, train_args = parse_fit_args(argv)
+    out = fit(model_args, data_args, train_args)
+    print(out)
+    return 0
+
+
+__all__ = ["fit", "main", "FitError", "is_finished", "read_manifest", "merge_adapter"]
