@@ -111,18 +111,55 @@ def _xstest_types() -> Section:
     )
 
 
+MMSAFETY_MODE_NAMES = {"sd_typo": "SD+TYPO", "typo": "TYPO", "sd": "SD", "text": "text-only"}
+
+
+def _mmsafety_tasks(mode: str) -> tuple[str, ...]:
+    return (f"rejalign_mmsafety_{mode}", f"rejalign_mmsafety_{mode}_tiny")
+
+
+def _mmsafety_scenarios(mode: str) -> Section:
+    """Per scenario: ASR where compliance is upstream's unsafe criterion, else compliance."""
+    from rejalign_tasks.mmsafety import HARMFUL_SLUGS, SPECIAL_SLUGS
+
+    tasks = _mmsafety_tasks(mode)
+    return Section(
+        f"mmsafety_{mode}",
+        f"MM-SafetyBench {MMSAFETY_MODE_NAMES[mode]} (%) per scenario: ASR, except 08 and 10-13, "
+        "whose upstream safety criteria a string judge cannot check: their string-judge "
+        "compliance rate",
+        (
+            Column("All 13, paper's ASR", tasks, "compliance_rate"),
+            Column("ASR, 8 scenarios", tasks, "asr"),
+            *(Column(_title(s), tasks, f"asr_{s}") for s in HARMFUL_SLUGS),
+            *(
+                Column(f"{_title(s)} (compliance)", tasks, f"compliance_rate_{s}")
+                for s in SPECIAL_SLUGS
+            ),
+        ),
+    )
+
+
 def default_spec() -> tuple[Section, ...]:
     """The paper's table (safety, over-refusal, utility), then per-category detail.
 
     The headline columns follow the paper: FigStep and MM-SafetyBench SD+TYPO ASR by its string
-    judge, XSTest over-refusal on the 250 safe prompts, ScienceQA-IMG accuracy and VizWiz VQA
-    accuracy; rejalign adds FigStep's text-only baseline and XSTest as typographic images.
+    judge (for MM-SafetyBench over all 13 scenarios, as upstream's judge_mmbench_str.py counts
+    it), XSTest over-refusal on the 250 safe prompts, ScienceQA-IMG accuracy and VizWiz VQA
+    accuracy (the paper's exact-match variant); rejalign adds FigStep's text-only baseline and
+    XSTest as typographic images.
     """
     main = Section(
         "main",
         "Safety, over-refusal and utility",
         (
             Column("FigStep ASR (%)", FIGSTEP_TASKS, "asr", role="safety"),
+            Column(
+                "MM-SafetyBench SD+TYPO ASR (%)",
+                _mmsafety_tasks("sd_typo"),
+                "compliance_rate",
+                role="safety",
+            ),
             Column("FigStep text-only ASR (%)", ("rejalign_figstep_text",), "asr", role="safety"),
             Column("XSTest over-refusal (%)", XSTEST_TASKS, "over_refusal", role="over_refusal"),
             Column(
@@ -150,6 +187,7 @@ def default_spec() -> tuple[Section, ...]:
     return (
         main,
         _figstep_topics(),
+        *(_mmsafety_scenarios(mode) for mode in MMSAFETY_MODE_NAMES),
         _xstest("xstest", "XSTest (%), text prompts", XSTEST_TASKS),
         _xstest("xstest_typo", "XSTest-typo (%), prompts as typographic images", XSTEST_TYPO_TASKS),
         _xstest_types(),

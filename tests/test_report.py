@@ -75,7 +75,12 @@ def rate(samples: list[dict], metric: str) -> float:
 # -- the table -------------------------------------------------------------------------------------
 
 
-MAIN = ("FigStep ASR (%)", "XSTest over-refusal (%)", "ScienceQA-IMG accuracy (%)")
+MAIN = (
+    "FigStep ASR (%)",
+    "MM-SafetyBench SD+TYPO ASR (%)",
+    "XSTest over-refusal (%)",
+    "ScienceQA-IMG accuracy (%)",
+)
 
 
 def test_table_has_the_known_values_and_agrees_with_the_logs(runs, tmp_path):
@@ -83,10 +88,13 @@ def test_table_has_the_known_values_and_agrees_with_the_logs(runs, tmp_path):
     make_report([str(runs)], out, plots=False)
     rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
     assert list(rows) == ["tiny-vlm", "rej50", "rej100"]  # base first, then by refusal fraction
-    known = {"tiny-vlm": (50, 10, 60), "rej50": (10, 30, 60), "rej100": (0, 90, 40)}
-    for label, (asr, over, acc) in known.items():
-        row = rows[label]
-        assert [float(row[h]) for h in MAIN] == pytest.approx([asr, over, acc])
+    known = {
+        "tiny-vlm": (50, 100, 10, 60),
+        "rej50": (10, 100 * 5 / 13, 30, 60),
+        "rej100": (0, 0, 90, 40),
+    }
+    for label, values in known.items():
+        assert [float(rows[label][h]) for h in MAIN] == pytest.approx(values)
     assert rows["rej50"]["refusal_fraction"] == "0.5" and rows["tiny-vlm"]["adapter"] == ""
     assert float(rows["rej100"]["refusal_fraction"]) == 1.0  # from the record counts
     assert list(rows["rej50"])[6:] == list(MAIN)  # columns of tasks nobody ran are left out
@@ -94,8 +102,9 @@ def test_table_has_the_known_values_and_agrees_with_the_logs(runs, tmp_path):
     # Every cell of every table equals the mean recomputed here from the per-sample logs.
     folders = {"tiny-vlm": "tiny-vlm", "rej50": "adapters__rej50", "rej100": "adapters__rej100"}
     cells = read_csv(out / "cells.csv")
-    assert {c["section"] for c in cells} == {"main", "figstep_topics", "xstest", "xstest_types"}
-    assert len(cells) == 3 * (3 + 11 + 5 + 18)
+    sections = {"main", "figstep_topics", "mmsafety_sd_typo", "xstest", "xstest_types"}
+    assert {c["section"] for c in cells} == sections
+    assert len(cells) == 3 * (4 + 11 + 15 + 5 + 18)
     for cell in cells:
         samples = samples_of(runs / folders[cell["model"]], cell["task"])
         expected = rate(samples, cell["metric"])
@@ -108,11 +117,16 @@ def test_table_has_the_known_values_and_agrees_with_the_logs(runs, tmp_path):
         assert Path(cell["samples_file"]).parent.name == folders[cell["model"]]
     xstest = {r["model"]: r for r in read_csv(out / "table_xstest.csv")}
     assert float(xstest["rej50"]["Unsafe refused, paper judge"]) == pytest.approx(75)
+    # MM-SafetyBench: ASR over the 8 scenarios judged by compliance; 08 reported apart.
+    mm = {r["model"]: r for r in read_csv(out / "table_mmsafety_sd_typo.csv")}
+    assert float(mm["rej50"]["ASR, 8 scenarios"]) == pytest.approx(50)
+    assert float(mm["rej50"]["Political lobbying (compliance)"]) == 100
+    assert float(mm["rej50"]["Economic harm"]) == 0
 
     md = (out / "report.md").read_text()
-    assert "| tiny-vlm | base | 50.0 | **10.0** | **60.0** |" in md
-    assert "| rej50 | 0.5 | 10.0 | 30.0 | **60.0** |" in md
-    assert "| rej100 | 1 | **0.0** | 90.0 | 40.0 |" in md
+    assert "| tiny-vlm | base | 50.0 | 100.0 | **10.0** | **60.0** |" in md
+    assert "| rej50 | 0.5 | 10.0 | 38.5 | 30.0 | **60.0** |" in md
+    assert "| rej100 | 1 | **0.0** | **0.0** | 90.0 | 40.0 |" in md
 
 
 def test_default_spec_per_topic_table(runs, tmp_path):
@@ -138,7 +152,7 @@ def test_rows_group_runs_by_model_not_by_folder(runs, tmp_path):
     (runs / "adapters__rej50").rmdir()
     models = load_models([str(runs / "tiny-vlm")])
     assert [m.label for m in models] == ["tiny-vlm", "rej50"]
-    assert all(len(m.tasks) == 3 for m in models)
+    assert all(len(m.tasks) == 4 for m in models)
 
 
 def test_latest_run_of_a_task_counts_and_the_older_is_listed(runs, tmp_path):
@@ -278,7 +292,7 @@ def test_baseline_comparisons_in_the_report(runs, tmp_path):
     out = tmp_path / "out"
     make_report([str(runs)], out, baseline="tiny-vlm", plots=False)
     rows = read_csv(out / "comparisons.csv")
-    assert len(rows) == 6  # two models x three headline columns
+    assert len(rows) == 8  # two models x four headline columns
     fig = next(r for r in rows if r["model"] == "rej50" and r["metric"] == "asr")
     assert float(fig["delta"]) == pytest.approx(-0.4)
     assert float(fig["mcnemar_p"]) == pytest.approx(22 / 1024)
@@ -349,9 +363,9 @@ def test_compare_command_line(runs, tmp_path, capsys):
     # Identical runs through the command line.
     assert main(["compare", str(base), str(base), "--task", FIGSTEP]) == 0
     assert "change +0.0 pp" in capsys.readouterr().out
-    # Ambiguous task: both folders hold three.
+    # Ambiguous task: both folders hold four.
     assert main(["compare", str(base), str(runs / "adapters__rej50")]) == 2
-    assert "give --task: the two runs share 3 tasks" in capsys.readouterr().err
+    assert "give --task: the two runs share 4 tasks" in capsys.readouterr().err
 
 
 # -- wrong or partial inputs -----------------------------------------------------------------------
@@ -461,6 +475,24 @@ def test_default_spec_is_well_formed():
         headers = [c.header for c in section.columns]
         assert len(headers) == len(set(headers)), section.key
     assert {c.role for s in spec for c in s.columns} <= {"safety", "over_refusal", "utility", ""}
+
+
+def test_default_spec_reads_metrics_the_tasks_define():
+    """Every task a default column names exists, and its metric_list has the column's metric."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from rejalign_tasks import task_configs_dir
+
+    metrics: dict[str, set[str]] = {}
+    for path in Path(task_configs_dir()).rglob("*.yaml"):
+        config = load_yaml(path, resolve_func=False)
+        if "task" in config and "metric_list" in config:
+            metrics[config["task"]] = {m["metric"] for m in config["metric_list"]}
+    for section in default_spec():
+        for column in section.columns:
+            for task in column.tasks:
+                assert task in metrics, f"{section.key}/{column.header}: no task {task}"
+                assert column.metric in metrics[task], (section.key, column.header, task)
 
 
 def test_manifest_refusal_fraction_keys():
