@@ -70,9 +70,9 @@ def asr_vs_refusal_fraction(series: dict[str, Sequence[Point]], stem: Path) -> l
     ax.set_xlabel("refusal fraction of the training data")
     ax.set_ylabel("attack success rate (%)")
     ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below the axes
     ax.set_title("ASR against refusal fraction")
     return _save(fig, stem)
 

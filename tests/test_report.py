@@ -155,6 +155,26 @@ def test_rows_group_runs_by_model_not_by_folder(runs, tmp_path):
     assert all(len(m.tasks) == 4 for m in models)
 
 
+def test_vllm_lora_and_group_entries(runs):
+    """vLLM's lora_local_path= finds the manifest too; group rows of a results file are skipped."""
+    for file in (runs / "adapters__rej50").glob("results_*.json"):
+        data = json.loads(file.read_text())
+        args = data["config"]["model_args"]
+        data["config"] = {
+            **data["config"],
+            "model": "vllm-vlm",
+            "model_args": f"pretrained={args['pretrained']},lora_local_path=adapters/rej50/,"
+            "max_lora_rank=16",
+        }
+        data["results"]["rejalign_safety"] = {"alias": "rejalign_safety", "asr,none": 0.5}
+        data["group_subtasks"] = {"rejalign_safety": list(data["configs"])}
+        file.write_text(json.dumps(data))
+    models = {m.label: m for m in load_models([str(runs)])}
+    rej50 = models["rej50"]
+    assert rej50.backend == "vllm-vlm" and rej50.adapter == "adapters/rej50/"
+    assert rej50.refusal_fraction == 0.5 and set(rej50.tasks) == set(models["tiny-vlm"].tasks)
+
+
 def test_latest_run_of_a_task_counts_and_the_older_is_listed(runs, tmp_path):
     folder = runs / "adapters__rej100"
     # An older copy of rej50's image-task run, relabelled as rej100's, must be superseded.
