@@ -24,6 +24,10 @@ _VLLM_COMPAT = "rejalign_tasks.vllm_compat"
 # already imported before the hook was installed). Names, so nothing is imported until needed.
 _HOOKS: dict[str, tuple[str, str | None]] = {
     "lm_eval.tasks.manager": (f"{__name__}:exec_task_manager", f"{__name__}:patch_task_manager"),
+    "lm_eval.tasks._index": (
+        "rejalign_tasks.index_cache:exec_index",
+        "rejalign_tasks.index_cache:patch_index",
+    ),
     "lm_eval.models.vllm_vlms": (f"{_VLLM_COMPAT}:exec_vllm_vlms", None),
     "lm_eval.models.vllm_causallms": (
         f"{_VLLM_COMPAT}:exec_vllm_causallms",
