@@ -177,6 +177,9 @@ def _rename_clip_weights_for_vllm(out: Path) -> None:
         new = name
         if name.startswith("model.vision_tower.") and ".vision_model." not in name:
             new = "vision_tower.vision_model." + name[len("model.vision_tower.") :]
+        elif name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            # transformers 5.19 already writes the legacy layout, except for this prefix.
+            new = "vision_tower.vision_model." + name[len("vision_tower.") :]
         elif name.startswith("model.multi_modal_projector."):
             new = name[len("model.") :]
         elif name.startswith("model.language_model."):
