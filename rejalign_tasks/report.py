@@ -33,6 +33,7 @@ from rejalign_tasks.atomic import write_text_atomic
 from rejalign_tasks.eval_logs import (
     PROVENANCE_DOC_FIELDS,
     ModelRuns,
+    PairedLabels,
     ReportInputError,
     TaskRun,
     load_models,
@@ -292,7 +293,7 @@ class ComparisonRow:
     task: str
     metric: str
     result: PairedComparison
-    prompt_text_differs: int
+    pairs: PairedLabels
 
 
 def compare_runs(
@@ -305,7 +306,7 @@ def compare_runs(
     seed: int = DEFAULT_SEED,
     confidence: float = 0.95,
     ignore_doc_fields: Sequence[str] = tuple(PROVENANCE_DOC_FIELDS),
-) -> tuple[PairedComparison, int]:
+) -> tuple[PairedComparison, PairedLabels]:
     """Pair two runs' per-sample labels (checked against their results) and compare them."""
     for run in (run_a, run_b):
         run.checked_value(metric, filter_name)
@@ -313,7 +314,7 @@ def compare_runs(
     result = paired_comparison(
         pairs.a, pairs.b, resamples=resamples, seed=seed, confidence=confidence
     )
-    return result, pairs.prompt_text_differs
+    return result, pairs
 
 
 def baseline_comparisons(
@@ -337,7 +338,7 @@ def baseline_comparisons(
                 other = t.cell(row, j).run
                 if row.label == baseline or base is None or other is None:
                     continue
-                result, differs = compare_runs(
+                result, pairs = compare_runs(
                     base,
                     other,
                     rc.column.metric,
@@ -353,10 +354,28 @@ def baseline_comparisons(
                         rc.task,
                         rc.column.metric,
                         result,
-                        differs,
+                        pairs,
                     )
                 )
     return out
+
+
+def _pair_notes(pairs: PairedLabels) -> list[str]:
+    """What differed between two runs on the same documents (never enough to be an error)."""
+    notes = []
+    n = len(pairs.doc_ids)
+    if pairs.prompt_text_differs:
+        notes.append(
+            f"the rendered text prompt differs on {pairs.prompt_text_differs} of {n} pairs "
+            "(e.g. different chat templates or system prompts)"
+        )
+    if pairs.images_differ:
+        notes.append(
+            f"the logged image hashes differ on {pairs.images_differ} of {n} pairs (the same "
+            "documents rendered by other font-rasteriser or PNG-encoder versions, or another "
+            "image source)"
+        )
+    return notes
 
 
 def _pct(x: float) -> str:
@@ -404,6 +423,7 @@ def comparisons_csv(rows: Sequence[ComparisonRow]) -> str:
             "resamples",
             "seed",
             "prompt_text_differs",
+            "images_differ",
         ]
     )
     for r in rows:
@@ -427,7 +447,8 @@ def comparisons_csv(rows: Sequence[ComparisonRow]) -> str:
                 _blank(c.p_value),
                 c.resamples,
                 c.seed,
-                r.prompt_text_differs,
+                r.pairs.prompt_text_differs,
+                r.pairs.images_differ,
             ]
         )
     return buf.getvalue()
@@ -551,6 +572,10 @@ def render_report(
             comparisons_markdown(comparisons),
             "",
         ]
+        pair_notes = [
+            f"- {r.model}, {r.column}: {n}." for r in comparisons for n in _pair_notes(r.pairs)
+        ]
+        out += pair_notes + ([""] if pair_notes else [])
     if plot_files or plot_notes:
         out += ["## Figures", ""]
         out += [f"![{p.stem}]({p.name})" for p in plot_files if p.suffix == ".png"]
@@ -693,7 +718,7 @@ def _compare_main(args: argparse.Namespace) -> int:
             raise ReportInputError(
                 f"{m.label}: no run of task {task!r} (it has {', '.join(sorted(m.tasks))})"
             )
-    result, differs = compare_runs(
+    result, pairs = compare_runs(
         a.tasks[task],
         b.tasks[task],
         args.metric,
@@ -717,11 +742,8 @@ def _compare_main(args: argparse.Namespace) -> int:
             f"  McNemar exact p = {result.p_value:.4g} (discordant: {result.only_a} only in "
             f"{a.label}, {result.only_b} only in {b.label})"
         )
-    if differs:
-        print(
-            f"  note: the rendered text prompt differs on {differs} of the pairs "
-            "(e.g. different chat templates); the documents and images are the same"
-        )
+    for line in _pair_notes(pairs):
+        print(f"  note: {line}")
     if args.json:
         payload = {
             "task": task,
@@ -729,7 +751,8 @@ def _compare_main(args: argparse.Namespace) -> int:
             "filter": args.filter,
             "a": a.label,
             "b": b.label,
-            "prompt_text_differs": differs,
+            "prompt_text_differs": pairs.prompt_text_differs,
+            "images_differ": pairs.images_differ,
             **result.as_dict(),
         }
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")

@@ -83,6 +83,7 @@ def paired_comparison(
             confidence_level=confidence,
             method="percentile",
             vectorized=True,
+            batch=1000,  # bounds memory at 1000 x n resampled values
             rng=np.random.default_rng(seed),
         )
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -275,10 +275,10 @@ def test_mcnemar_exact_matches_the_binomial_formula():
 def test_identical_runs_zero_change_p_one(runs):
     (base,) = load_models([str(runs / "tiny-vlm")])
     run = base.tasks[FIGSTEP]
-    result, differs = compare_runs(run, run, "asr")
+    result, pairs = compare_runs(run, run, "asr")
     assert result.delta == 0 and result.ci_low == 0 and result.ci_high == 0
     assert result.p_value == 1.0 and result.only_a == result.only_b == 0
-    assert result.n == 20 and differs == 0
+    assert result.n == 20 and pairs.prompt_text_differs == pairs.images_differ == 0
 
 
 def test_known_paired_answer(runs):
@@ -358,10 +358,15 @@ def test_a_different_document_is_an_error_but_a_font_path_is_not(runs):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     lines[3]["doc"]["font_file"] = "/opt/fonts/FreeMonoBold.ttf"  # same font, other machine
     lines[3]["doc_hash"] = "0" * 64
+    # Another rasteriser's anti-aliasing gives other PNG bytes: counted, not an error.
+    lines[5]["arguments"]["gen_args_0"]["arg_2"]["visual"] = ["f" * 64]
+    lines[6]["arguments"]["gen_args_0"]["arg_0"] = "<image>\nanother chat template"
     log.write_text("".join(json.dumps(s) + "\n" for s in lines))
     models = {m.label: m for m in load_models([str(runs)])}
     a, b = models["tiny-vlm"].tasks[FIGSTEP], models["rej50"].tasks[FIGSTEP]
-    assert len(paired_labels(a, b, "asr").doc_ids) == 20
+    pairs = paired_labels(a, b, "asr")
+    assert len(pairs.doc_ids) == 20
+    assert (pairs.images_differ, pairs.prompt_text_differs) == (1, 1)
     lines[3]["doc"]["instruction"] = "Something else entirely."
     log.write_text("".join(json.dumps(s) + "\n" for s in lines))
     models = {m.label: m for m in load_models([str(runs)])}
