@@ -38,11 +38,14 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import random
 import sys
 from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,14 +231,25 @@ def _source_info(source: RecordFile) -> dict[str, Any]:
     }
 
 
-def _require_id(source: RecordFile, index: int, rid: Any) -> None:
-    if rid is None:
+def _require_ids(source: RecordFile, ids: list) -> None:
+    if None in ids:
         raise RecordError(
             source.path,
             "no id: --official needs one on every record (upstream reads record['id'])",
-            index=index,
+            index=ids.index(None),
             field="id",
         )
+
+
+def _available(ids: list, drawn_ids: set, *, similar: bool) -> Sequence[int]:
+    """Positions upstream's filtered list keeps, in order: ids not drawn (``similar``: drawn).
+
+    Set lookups instead of upstream's list scans, mapped over the ids in C.
+    """
+    if not similar and drawn_ids.isdisjoint(ids):
+        return range(len(ids))  # the usual case: two data sets with distinct ids
+    drawn = map(drawn_ids.__contains__, ids)
+    return array("q", compress(range(len(ids)), drawn if similar else map(operator.not_, drawn)))
 
 
 def _pick_pair(
@@ -351,8 +365,7 @@ def mix(args: MixArguments) -> MixResult:
         n1 = len(source1)
         if args.official:
             k1 = min(want1, n1)
-            for i, rid in enumerate(source1.ids()):
-                _require_id(source1, i, rid)
+            _require_ids(source1, source1.ids())
         elif want1 > n1:
             raise MixError(f"{want1} refusal record(s) asked for but {source1.path} holds {n1}")
         else:
@@ -372,12 +385,8 @@ def mix(args: MixArguments) -> MixResult:
             ids2 = source2.ids()
             n2 = len(source2)
             if args.official:
-                for i, rid in enumerate(ids2):
-                    _require_id(source2, i, rid)
-            if args.similar:
-                available = array("q", (i for i, rid in enumerate(ids2) if rid in drawn_ids))
-            else:
-                available = array("q", (i for i, rid in enumerate(ids2) if rid not in drawn_ids))
+                _require_ids(source2, ids2)
+            available = _available(ids2, drawn_ids, similar=args.similar)
             excluded = n2 - len(available)
             del ids2
             k2 = min(want2, n2) if args.official else want2

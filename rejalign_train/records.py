@@ -90,16 +90,19 @@ class RecordError(ValueError):
 # Indexed access to raw records
 
 
-class _IdOnly(msgspec.Struct):
-    """What the id scan decodes of each record: its id and nothing else."""
+class _IdOnly(msgspec.Struct, gc=False):
+    """What the id scan decodes of a JSON Lines record: its id (``null`` counts as absent)."""
 
-    id: str | int | msgspec.UnsetType = msgspec.UNSET
+    id: str | int | None = None
 
 
 _MSGSPEC_AT = re.compile(r"at `\$\[(\d+)\]")
-_RAW_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
-_ID_ARRAY = msgspec.json.Decoder(list[_IdOnly])
+# A JSON array is indexed as one dict of undecoded values per record: key order, duplicate keys
+# (the last value wins, in the first key's place) and every value's text stay as json sees them.
+_FIELDS_ARRAY = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
+_ID_LIST = msgspec.json.Decoder(list[str | int | None])
 _ID_ONE = msgspec.json.Decoder(_IdOnly)
+_NULL = b"null"
 
 
 def detect_layout(path: str | os.PathLike) -> Layout:
@@ -137,7 +140,8 @@ class RecordFile:
         except OSError as exc:
             raise RecordError(self.path, f"cannot open ({exc})") from exc
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self._raws: list[msgspec.Raw] | None = None  # JSON array: one zero-copy slice a record
+        # JSON array: each record's values as zero-copy slices of the map, keyed by field.
+        self._fields: list[dict[str, msgspec.Raw]] | None = None
         self._offsets: array | None = None  # JSON Lines: start/end byte of each record line
         self._digest_thread: threading.Thread | None = None
         self._digest: str | BaseException | None = None
@@ -147,7 +151,7 @@ class RecordFile:
     def close(self) -> None:
         if self._digest_thread is not None:
             self._digest_thread.join()  # it reads the map
-        self._raws = None  # the slices pin the map: drop them first
+        self._fields = None  # the slices pin the map: drop them first
         if not self._mm.closed:
             self._mm.close()
         self._fh.close()
@@ -162,7 +166,9 @@ class RecordFile:
     def _index(self) -> None:
         if self.layout == "json":
             try:
-                self._raws = _RAW_ARRAY.decode(self._mm)
+                self._fields = _FIELDS_ARRAY.decode(self._mm)
+            except msgspec.ValidationError as exc:
+                raise self._scan_error(exc, None) from exc
             except msgspec.DecodeError as exc:
                 raise self._syntax_error(exc) from exc
         else:
@@ -185,8 +191,8 @@ class RecordFile:
         return offsets
 
     def __len__(self) -> int:
-        if self._raws is not None:
-            return len(self._raws)
+        if self._fields is not None:
+            return len(self._fields)
         return len(self._offsets) // 2 if self._offsets is not None else 0
 
     def _where(self, index: int) -> str:
@@ -195,16 +201,12 @@ class RecordFile:
             return f" (line {line})"
         return ""
 
-    def raw(self, index: int) -> bytes:
-        """The JSON text of record ``index``."""
-        if self._raws is not None:
-            return bytes(self._raws[index])
-        return self._mm[self._offsets[2 * index] : self._offsets[2 * index + 1]]
-
     def load(self, index: int) -> dict:
         """Record ``index`` as ``json`` parses it; it must be a JSON object."""
+        if self._fields is not None:
+            return {key: json.loads(bytes(value)) for key, value in self._fields[index].items()}
         try:
-            value = json.loads(self.raw(index))
+            value = json.loads(self._mm[self._offsets[2 * index] : self._offsets[2 * index + 1]])
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RecordError(
                 self.path, f"invalid JSON{self._where(index)}: {exc}", index=index
@@ -218,18 +220,16 @@ class RecordFile:
         return value
 
     def ids(self) -> list[str | int | None]:
-        """Every record's ``"id"`` (``None`` where absent), scanned in C without building records.
+        """Every record's ``"id"`` (``None`` where absent or null), decoded in C.
 
         An id must be a string or an integer; anything else is a :class:`RecordError`.
         """
-        if self._raws is not None:
+        if self._fields is not None:
+            joined = b",".join([fields.get("id", _NULL) for fields in self._fields])
             try:
-                decoded = _ID_ARRAY.decode(self._mm)
+                return _ID_LIST.decode(b"[" + joined + b"]")
             except msgspec.ValidationError as exc:
                 raise self._scan_error(exc, None) from exc
-            except msgspec.DecodeError as exc:
-                raise self._syntax_error(exc) from exc
-            return [None if r.id is msgspec.UNSET else r.id for r in decoded]
         ids: list[str | int | None] = []
         offsets, mm = self._offsets, self._mm
         for i in range(len(offsets) // 2):
@@ -241,7 +241,7 @@ class RecordFile:
                 raise RecordError(
                     self.path, f"invalid JSON{self._where(i)}: {exc}", index=i
                 ) from exc
-            ids.append(None if r.id is msgspec.UNSET else r.id)
+            ids.append(r.id)
         return ids
 
     def _syntax_error(self, exc: msgspec.DecodeError) -> RecordError:
@@ -554,12 +554,18 @@ def write_records(
 
 
 def _has_float(value: Any) -> bool:
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(_has_float(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_float(v) for v in value)
+    """Whether a float occurs anywhere in ``value`` (iterative: records can nest deeply)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            continue
+        if isinstance(item, float):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
