@@ -319,14 +319,19 @@ def compare_runs(
 
 def baseline_comparisons(
     tables: Sequence[Table], baseline: str, *, resamples: int, seed: int
-) -> list[ComparisonRow]:
-    """Every model against the baseline on every headline (role) column."""
+) -> tuple[list[ComparisonRow], list[str]]:
+    """Every model against the baseline on every headline (role) column.
+
+    Also returns a note for each pair that could not be compared (a missing cell).
+    """
     labels = {r.label for t in tables for r in t.rows}
     if baseline not in labels:
         raise ReportInputError(
             f"--baseline {baseline!r} is not one of the models: {', '.join(sorted(labels))}"
         )
-    out, seen = [], set()
+    out: list[ComparisonRow] = []
+    skipped: list[str] = []
+    seen: set[tuple[str, str]] = set()
     for t in tables:
         for j, rc in enumerate(t.columns):
             if not rc.column.role or (rc.task, rc.column.metric) in seen:
@@ -336,7 +341,11 @@ def baseline_comparisons(
             base = t.cell(base_row, j).run
             for row in t.rows:
                 other = t.cell(row, j).run
-                if row.label == baseline or base is None or other is None:
+                if row.label == baseline:
+                    continue
+                if base is None or other is None:
+                    who = baseline if base is None else row.label
+                    skipped.append(f"{row.label}, {rc.column.header}: not compared ({who} missing)")
                     continue
                 result, pairs = compare_runs(
                     base,
@@ -357,7 +366,7 @@ def baseline_comparisons(
                         pairs,
                     )
                 )
-    return out
+    return out, skipped
 
 
 def _pair_notes(pairs: PairedLabels) -> list[str]:
@@ -478,23 +487,31 @@ def make_plots(tables: Sequence[Table], out_dir: Path) -> tuple[list[Path], list
                 seen.add(key)
                 role_cols[rc.column.role].append((t, j))
 
-    def points(t: Table, j: int, x_of) -> list[Point]:
+    files: list[Path] = []
+    notes: list[str] = []
+
+    def points(t: Table, j: int, x_of, figure: str) -> list[Point]:
         col = t.columns[j].column
-        pts = []
+        pts, left_out = [], []
         for row in t.rows:
             cell = t.cell(row, j)
             if cell.status == "ok":
                 pts.append(Point(row.label, x_of(row), cell.value * col.scale))
+            else:
+                left_out.append(f"{row.label} ({cell.status})")
+        if left_out:
+            notes.append(f"{figure}, {col.header}: no point for {', '.join(left_out)}.")
         return pts
 
-    files, notes = [], []
     rows = tables[0].rows
     if not role_cols["safety"]:
         notes.append("No figure: no safety (ASR) column in the report.")
         return files, notes
     if any(r.refusal_fraction is not None for r in rows):
         series = {
-            t.columns[j].column.header: points(t, j, lambda r: r.refusal_fraction)
+            t.columns[j].column.header: points(
+                t, j, lambda r: r.refusal_fraction, "ASR against refusal fraction"
+            )
             for t, j in role_cols["safety"]
         }
         files += asr_vs_refusal_fraction(series, out_dir / PLOT_STEMS[0])
@@ -511,13 +528,13 @@ def make_plots(tables: Sequence[Table], out_dir: Path) -> tuple[list[Path], list
         )
     t0, j0 = role_cols["safety"][0]
     y_name = t0.columns[j0].column.header
-    y_by_label = {p.label: p.y for p in points(t0, j0, lambda r: 0.0)}
+    y_by_label = {p.label: p.y for p in points(t0, j0, lambda r: 0.0, "Safety trade-offs")}
     panels = []
     for t, j in role_cols["over_refusal"] + role_cols["utility"]:
         col = t.columns[j].column
         pts = [
             Point(p.label, p.y, y_by_label[p.label])
-            for p in points(t, j, lambda r: 0.0)
+            for p in points(t, j, lambda r: 0.0, "Safety trade-offs")
             if p.label in y_by_label
         ]
         panels.append(Panel(col.header, col.higher_is_better, pts))
@@ -536,6 +553,8 @@ def render_report(
     comparisons: Sequence[ComparisonRow],
     plot_files: Sequence[Path],
     plot_notes: Sequence[str],
+    comparison_notes: Sequence[str] = (),
+    baseline: str | None = None,
 ) -> str:
     models = tables[0].rows
     out = ["# rejalign report", ""]
@@ -559,22 +578,23 @@ def render_report(
         if any(_row_limited(t, r) for r in t.rows):
             notes.append("†: evaluated on a subset of the prompts (--limit); see Inputs.")
         out += ([""] + notes if notes else []) + [""]
-    if comparisons:
-        c0 = comparisons[0].result
-        out += [
-            f"## Paired comparisons against {comparisons[0].baseline}",
-            "",
-            f"Change = model - baseline in percentage points on the same prompts; "
-            f"{round(100 * c0.confidence)}% percentile bootstrap interval over prompts "
-            f"({c0.resamples} resamples, seed {c0.seed}); exact McNemar test on the discordant "
-            "prompts.",
-            "",
-            comparisons_markdown(comparisons),
-            "",
-        ]
+    if comparisons or comparison_notes:
+        out += [f"## Paired comparisons against {baseline}", ""]
+        if comparisons:
+            c0 = comparisons[0].result
+            out += [
+                f"Change = model - baseline in percentage points on the same prompts; "
+                f"{round(100 * c0.confidence)}% percentile bootstrap interval over prompts "
+                f"({c0.resamples} resamples, seed {c0.seed}); exact McNemar test on the "
+                "discordant prompts.",
+                "",
+                comparisons_markdown(comparisons),
+                "",
+            ]
         pair_notes = [
             f"- {r.model}, {r.column}: {n}." for r in comparisons for n in _pair_notes(r.pairs)
         ]
+        pair_notes += [f"- {n}." for n in comparison_notes]
         out += pair_notes + ([""] if pair_notes else [])
     if plot_files or plot_notes:
         out += ["## Figures", ""]
@@ -660,8 +680,10 @@ def make_report(
     """Everything ``rejalign-report table`` does; returns the files written."""
     models = load_models(inputs, adapter_roots)
     tables = build_tables(models, spec or default_spec(), sections, allow_missing)
-    comparisons = (
-        baseline_comparisons(tables, baseline, resamples=resamples, seed=seed) if baseline else []
+    comparisons, comparison_notes = (
+        baseline_comparisons(tables, baseline, resamples=resamples, seed=seed)
+        if baseline
+        else ([], [])
     )
     files = {"report.md": "", "cells.csv": cells_csv(tables)}
     files.update({f"table_{t.section.key}.csv": table_csv(t) for t in tables})
@@ -671,7 +693,9 @@ def make_report(
     stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".plots-")) if plots else None
     try:
         plot_files, plot_notes = make_plots(tables, stage) if stage else ([], [])
-        files["report.md"] = render_report(tables, comparisons, plot_files, plot_notes)
+        files["report.md"] = render_report(
+            tables, comparisons, plot_files, plot_notes, comparison_notes, baseline
+        )
         return write_outputs(out_dir, files, stage)
     finally:
         if stage is not None:

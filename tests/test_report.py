@@ -448,10 +448,15 @@ def test_a_model_lacking_a_column_task(runs, tmp_path):
     assert "rej50: no run of rejalign_xstest for column 'XSTest over-refusal (%)'" in msg
     assert "--allow-missing" in msg
     out = tmp_path / "out"
-    make_report([str(runs)], out, allow_missing=True, plots=False)
+    make_report([str(runs)], out, allow_missing=True)
     rows = {r["model"]: r for r in read_csv(out / "table_main.csv")}
     assert rows["rej50"]["XSTest over-refusal (%)"] == "missing"
     assert "missing: the model was not evaluated on that task" in (out / "report.md").read_text()
+    make_report([str(runs)], out, allow_missing=True, baseline="tiny-vlm")
+    md = (out / "report.md").read_text()
+    assert "Safety trade-offs, XSTest over-refusal (%): no point for rej50 (missing)." in md
+    assert "- rej50, XSTest over-refusal (%): not compared (rej50 missing)." in md
+    assert len(read_csv(out / "comparisons.csv")) == 7
 
 
 def test_models_on_different_variants_of_a_benchmark(runs, tmp_path):
