@@ -563,9 +563,11 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-# Doc fields that record where something came from, not what was asked: the FigStep font's file
-# path differs between machines while its sha256 (also in the doc) pins the image.
-PROVENANCE_DOC_FIELDS = frozenset({"font_file"})
+# Doc fields that record where something came from, not what was asked, and differ between
+# machines: the FigStep/TYPO font's file path (its sha256, also in the doc, pins the glyphs) and
+# MM-SafetyBench's SD image source (a local folder or the Hub; the images themselves are compared
+# by their logged hashes).
+PROVENANCE_DOC_FIELDS = frozenset({"font_file", "image_source"})
 
 
 @dataclass
