@@ -24,6 +24,12 @@ DEFAULT_MODEL = "hf-multimodal"
 DEFAULT_TASKS = "rejalign_paper"
 NO_CHAT_TEMPLATE = "--no_chat_template"
 SUBCOMMANDS = ("run", "ls", "validate")
+HELP = f"""rejalign-eval: lm-eval's `run` command for the paper's table, one run, one folder.
+  Text-only and image tasks share the run, answered by the same VLM (+ adapter).
+  Defaults: --model {DEFAULT_MODEL} --tasks {DEFAULT_TASKS} --apply_chat_template --log_samples
+  {NO_CHAT_TEMPLATE}   do not apply the model's chat template
+  --output_path is required. lm-eval's options follow.
+"""
 
 
 def _has(argv: Sequence[str], *flags: str) -> bool:
@@ -75,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from rejalign_tasks.routing import install
 
     lm_args = build_argv(sys.argv[1:] if argv is None else argv)
+    if lm_args[:1] == ["run"] and any(a in ("-h", "--help") for a in lm_args):
+        print(HELP)
     install()
     saved = sys.argv
     sys.argv = ["rejalign-eval", *lm_args]
