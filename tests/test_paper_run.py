@@ -99,6 +99,23 @@ def test_build_argv_requires_an_output_folder():
         build_argv(["--model_args", "pretrained=m"])
 
 
+def test_every_group_names_known_tasks_and_sets_no_group_score(task_manager):
+    import yaml
+
+    folder = Path(__file__).parent.parent / "task_configs" / "groups"
+    configs = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
+    assert set(configs) == {*PAPER_GROUPS, "rejalign_safety_text"}
+    for name, config in configs.items():
+        assert config["group"] == name and "aggregate_metric_list" not in config
+        assert all(t in task_manager.all_tasks for t in config["task"]), name
+        if name in PAPER_GROUPS:
+            assert config["task"] == PAPER_GROUPS[name]
+    assert configs["rejalign_safety_text"]["task"] == [
+        "rejalign_figstep_text",
+        "rejalign_mmsafety_text",
+    ]
+
+
 # --------------------------------------------------------------------------- routing
 
 
