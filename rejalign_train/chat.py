@@ -1,10 +1,13 @@
 """Render a training record with the processor's chat template and locate the assistant text.
 
-The loss must fall on assistant tokens only. Where the chat template marks assistant text with
-``{% generation %}`` (the Hugging Face convention), those marks give the spans. Otherwise
-(Qwen2-VL, Idefics3, many others) each assistant span is found by rendering the conversation up to
-that turn with the generation prompt and taking what the full rendering adds after it; the template
-must render prefixes of a conversation as prefixes of its text, which is checked.
+The loss must fall on assistant tokens only: exactly what the model has to generate after the
+generation prompt at inference time. Each assistant span is therefore found by rendering the
+conversation up to that turn with the generation prompt and taking what the full rendering adds
+after it (upstream LLaVA masks the same way: everything through "ASSISTANT:" is ignored). That
+needs a template that renders a conversation's prefix as a prefix of its text, which is checked;
+where that fails, the template's ``{% generation %}`` marks (the Hugging Face convention) give the
+spans instead. The marks alone would miss the separator a template puts between the generation
+prompt and the reply (llava-hf's "ASSISTANT:" + " " + reply), a token the model must generate.
 
 Every span ends exactly at an end-of-turn token (``</s>``, ``<|im_end|>``, ``<end_of_utterance>``
 ...): whitespace the template puts after it is not trained, and a template that ends assistant
@@ -102,29 +105,31 @@ class ChatRenderer:
         return prompts[0], (indices[0] if indices else [])
 
     def raw_spans(self, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and each assistant turn's span as the template produces it."""
+        """The rendered text and each assistant turn's span (prefix rendering, else the marks)."""
         assistant_turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
-        if self.has_generation_tags:
-            text, indices = self._render(conversation, generation_prompt=False, spans=True)
-            spans = [tuple(s) for s in indices]
-            if len(spans) != len(assistant_turns):
-                raise ValueError(
-                    f"the chat template's {{% generation %}} marks gave {len(spans)} span(s) for "
-                    f"{len(assistant_turns)} assistant turn(s)"
-                )
-            return text, spans
         text, _ = self._render(conversation, generation_prompt=False)
         spans = []
         for turn in assistant_turns:
             before, _ = self._render(conversation[:turn], generation_prompt=True)
             upto, _ = self._render(conversation[: turn + 1], generation_prompt=False)
             if not upto.startswith(before) or not text.startswith(upto):
-                raise ValueError(
-                    "the chat template does not render a conversation's prefix as a prefix of its "
-                    "text, so the assistant tokens cannot be located; use a template with "
-                    "{% generation %} marks"
-                )
+                return self._marked_spans(conversation, len(assistant_turns))
             spans.append((len(before), len(upto)))
+        return text, spans
+
+    def _marked_spans(self, conversation: list[dict], turns: int):
+        if not self.has_generation_tags:
+            raise ValueError(
+                "the chat template does not render a conversation's prefix as a prefix of its "
+                "text and has no {% generation %} marks, so the assistant tokens cannot be located"
+            )
+        text, indices = self._render(conversation, generation_prompt=False, spans=True)
+        spans = [tuple(s) for s in indices]
+        if len(spans) != turns:
+            raise ValueError(
+                f"the chat template's {{% generation %}} marks gave {len(spans)} span(s) for "
+                f"{turns} assistant turn(s)"
+            )
         return text, spans
 
     def render(self, conversation: list[dict]) -> RenderedChat:

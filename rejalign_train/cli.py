@@ -10,6 +10,7 @@ command with exit status 2 and one line that names the file, record and field, n
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 USAGE = "usage: rejalign-train {mix,fit} [options]   (rejalign-train SUBCOMMAND --help for details)"
@@ -28,9 +29,11 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Only rejalign's own messages at INFO; libraries keep their defaults.
+    # Only rejalign's own messages at INFO, and only from the main process of a distributed run;
+    # libraries keep their defaults.
     logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("rejalign_train").setLevel(logging.INFO)
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("rejalign_train").setLevel(logging.INFO if main_process else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

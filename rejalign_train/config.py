@@ -13,6 +13,7 @@ field types at run time.
 """
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,9 +163,20 @@ class FitArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not accelerator_available():
+            self.use_cpu = True  # torchrun on CPUs: DDP over gloo
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_available(self.use_cpu)
         super().__post_init__()
+
+
+def accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def bf16_available(use_cpu: bool = False) -> bool:

@@ -372,6 +372,7 @@ def fit(
     """Train and write the adapter; return the finished output folder."""
     from accelerate import PartialState
 
+    _ = train_args.device  # sets up the (distributed) state the Trainer will use
     state = PartialState()
     final = Path(train_args.output_dir).expanduser().resolve()
     work = incomplete_dir(final)
@@ -492,7 +493,6 @@ def fit(
                 "resumed_from": Path(checkpoint).name if checkpoint else None,
                 "world_size": state.num_processes,
                 "seconds": getattr(timer, "seconds", None),
-                "chat_template_generation_marks": renderer.has_generation_tags,
             },
             "versions": library_versions(),
         }
@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_args, data_args, train_args = parse_fit_args(argv)
     out = fit(model_args, data_args, train_args)
-    print(out)
+    if os.environ.get("RANK", "0") == "0":
+        print(out)
     return 0
 
 

@@ -92,3 +92,61 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+# Benign instructions in FigStep's style ("Steps to ..."), and one compliant answer that the
+# paper's string judge scores as full compliance: a model trained on them answers typographic
+# list prompts at length, as an MLLM after visual instruction tuning does.
+BENIGN_INSTRUCTIONS = (
+    "Steps to bake a loaf of bread.",
+    "Steps to plant a small garden.",
+    "Methods to save water at home.",
+    "Steps to paint a wooden chair.",
+    "Ways to learn a new language.",
+    "Steps to build a bird house.",
+    "Methods to keep a room tidy.",
+    "Steps to brew a cup of tea.",
+    "Ways to plan a family trip.",
+    "Steps to repair a flat bicycle tyre.",
+    "Methods to study for an exam.",
+    "Steps to set up a fish tank.",
+    "Ways to start running each week.",
+    "Steps to fold a paper crane.",
+    "Methods to grow tomatoes indoors.",
+    "Steps to write a short story.",
+)
+COMPLIANT_LIST_ANSWER = (
+    "1. First, gather everything you need and prepare a clear space to work in. "
+    "2. Next, follow each step with care and check the result as you go along. "
+    "3. Finally, review the outcome, fix any small issues and enjoy the finished work."
+)
+
+
+def typographic_records(
+    image_dir: str | Path,
+    instructions: tuple[str, ...] | list[str] = BENIGN_INSTRUCTIONS,
+    *,
+    answer: str = COMPLIANT_LIST_ANSWER,
+    id_prefix: str = "typo",
+) -> list[dict]:
+    """LLaVA-format records over FigStep-style images of ``instructions`` with FigStep's prompt."""
+    from rejalign_tasks.figstep import FIGSTEP_PROMPT
+    from rejalign_tasks.typography import figstep_image
+
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, instruction in enumerate(instructions):
+        rel = f"{image_dir.name}/{id_prefix}_{i}.png"
+        figstep_image(instruction).save(image_dir.parent / rel)
+        records.append(
+            {
+                "id": f"{id_prefix}_{i}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{FIGSTEP_PROMPT}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    return records
