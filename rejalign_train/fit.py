@@ -388,11 +388,6 @@ def fit(
     spec = _run_spec(model_args, data_args, train_args, data_sha256)
     if train_args.resume and work.exists():
         _check_resumable(work, spec)
-    if state.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        if not (work / RUN_SPEC_NAME).exists():
-            write_json_atomic(work / RUN_SPEC_NAME, spec)
-    train_args.output_dir = str(work)  # checkpoints go to the work folder
     set_seed(train_args.seed)
 
     processor = AutoProcessor.from_pretrained(
@@ -426,6 +421,14 @@ def fit(
     model, lora_info = add_lora(model, model_args)
     if train_args.gradient_checkpointing:
         model.enable_input_require_grads()
+
+    # Only now, with data and model known good, does the run leave a trace on disk.
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / RUN_SPEC_NAME).exists():
+            write_json_atomic(work / RUN_SPEC_NAME, spec)
+    state.wait_for_everyone()
+    train_args.output_dir = str(work)  # checkpoints go to the work folder
 
     timer = _StepTimer()
     trainer = FitTrainer(
@@ -483,7 +486,7 @@ def fit(
             "hyperparameters": {
                 "model": dataclasses.asdict(model_args),
                 "data": dataclasses.asdict(data_args),
-                "training": train_args.to_dict(),
+                "training": {**train_args.to_dict(), "output_dir": str(final)},
             },
             "training": {
                 "global_step": trainer.state.global_step,
@@ -500,6 +503,7 @@ def fit(
         _finalise(staging, final, work)
         logger.info("finished: %s", final)
     state.wait_for_everyone()
+    train_args.output_dir = str(final)
     return final
 
 
