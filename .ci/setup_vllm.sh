@@ -11,8 +11,8 @@
 # - The machine-wide pip configuration (config files, and PIP_* variables such as a find-links
 #   folder holding torch 2.13.0+cpu, which would win over PyPI's build) is bypassed for this venv.
 #
-# Exports REJALIGN_VLLM_PYTHON (the interpreter the vLLM tests run lm_eval and vLLM with) and
-# REJALIGN_EXPECT_VLLM=1 (a missing or broken vLLM environment then fails those tests).
+# Exports REJALIGN_VLLM_PYTHON: the interpreter the vLLM tests run lm_eval and vLLM with (they fail,
+# not skip, without it).
 # Usable on its own too:  REJALIGN_VLLM_VENV=/some/dir bash .ci/setup_vllm.sh
 
 _rejalign_vllm_requirements() {
@@ -73,6 +73,5 @@ _rejalign_vllm_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 _rejalign_vllm_venv=${REJALIGN_VLLM_VENV:-$_rejalign_vllm_root/.ci-cache/venv-vllm}
 _rejalign_setup_vllm "$_rejalign_vllm_root" "$_rejalign_vllm_venv"
 export REJALIGN_VLLM_PYTHON=$_rejalign_vllm_venv/bin/python
-export REJALIGN_EXPECT_VLLM=1
 unset -f _rejalign_setup_vllm _rejalign_vllm_requirements _rejalign_vllm_pip
 unset _rejalign_vllm_root _rejalign_vllm_venv
