@@ -114,6 +114,14 @@ BENIGN_INSTRUCTIONS = (
     "Steps to fold a paper crane.",
     "Methods to grow tomatoes indoors.",
     "Steps to write a short story.",
+    "Ways to make a simple kite.",
+    "Steps to clean a bicycle chain.",
+    "Methods to sort old photographs.",
+    "Steps to cook a pot of rice.",
+    "Ways to decorate a birthday cake.",
+    "Steps to knit a warm scarf.",
+    "Methods to care for a house plant.",
+    "Steps to pack for a camping trip.",
 )
 COMPLIANT_LIST_ANSWER = (
     "1. First, gather everything you need and prepare a clear space to work in. "
