@@ -360,8 +360,7 @@ def mix(args: MixArguments) -> MixResult:
     want1, want2 = args.sizes
     inputs: dict[str, Any] = {}
 
-    with RecordFile(args.refusal_source) as source1:
-        source1.start_sha256()
+    with RecordFile(args.refusal_source, sha256=True) as source1:
         n1 = len(source1)
         if args.official:
             k1 = min(want1, n1)
@@ -380,8 +379,7 @@ def mix(args: MixArguments) -> MixResult:
     checked2: list[dict] = []
     excluded = 0
     if args.normal_source:
-        with RecordFile(args.normal_source) as source2:
-            source2.start_sha256()
+        with RecordFile(args.normal_source, sha256=True) as source2:
             ids2 = source2.ids()
             n2 = len(source2)
             if args.official:

@@ -15,12 +15,15 @@ Both normalise to one record shape, the one the trainer consumes::
 
 where user text keeps one ``<image>`` placeholder per image, in place.
 
-Files are memory-mapped and indexed once by msgspec (a C JSON scanner); a record is parsed only
-when it is asked for. A 665k-record instruction file is therefore indexed in about a second with
-memory bounded by the page cache plus a small handle per record, and a sampler can draw a few
-thousand records without ever building the other several hundred thousand as Python objects.
-Parsing of the records handed out uses the standard ``json`` module, so their values (numbers,
-key order, duplicate keys) are exactly what ``json.load`` of the whole file would give.
+Files are memory-mapped and indexed once by msgspec (a C JSON scanner): a JSON array becomes one
+small dict of undecoded value slices per record, JSON Lines a pair of byte offsets per line. A
+record is parsed only when it is asked for, so a sampler can draw a few thousand records of a
+665k-record instruction file without building the other several hundred thousand as Python
+objects; memory is the (reclaimable) page cache of the mapped file plus the index. Values are
+parsed with the standard ``json`` module, so the records handed out (numbers, key order,
+duplicate keys) are exactly what ``json.load`` of the whole file would hold. Input must be
+standard JSON: the ``NaN``/``Infinity`` literals Python's ``json`` also accepts are rejected,
+with their line and column.
 """
 
 from __future__ import annotations
@@ -132,7 +135,9 @@ class RecordFile:
     record's ``"id"`` in C. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, sha256: bool = False) -> None:
+        """Map and index ``path``; with ``sha256``, hash it in a thread from the start (the
+        hashing thread then also faults the pages in, ahead of the indexing scan)."""
         self.path = Path(path)
         try:
             self.layout: Layout = detect_layout(self.path)
@@ -145,7 +150,13 @@ class RecordFile:
         self._offsets: array | None = None  # JSON Lines: start/end byte of each record line
         self._digest_thread: threading.Thread | None = None
         self._digest: str | BaseException | None = None
-        self._index()
+        if sha256:
+            self.start_sha256()
+        try:
+            self._index()
+        except BaseException:
+            self.close()
+            raise
 
     # -- life cycle
     def close(self) -> None:
