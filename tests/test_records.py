@@ -369,3 +369,18 @@ def test_normalise_accepts_single_record_api():
         normalise(
             {"id": "z", "conversations": [{"from": "gpt", "value": "<image>"}]}, "somewhere.json", 5
         )
+
+
+def test_background_hash_is_awaited_before_unmapping(tmp_path):
+    """Hashing runs in a thread over the map; closing (or failing to index) waits for it."""
+    good = _write_json(tmp_path / "good.json", LLAVA * 200)
+    expected = hashlib.sha256(good.read_bytes()).hexdigest()
+    with RecordFile(good, sha256=True) as source:
+        pass  # closed at once, while the thread may still be hashing
+    with RecordFile(good, sha256=True) as source:
+        assert len(source) == 600
+        assert source.sha256() == expected == source.sha256()
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(good.read_bytes()[:-10])  # truncated: indexing fails
+    with pytest.raises(RecordError, match=r"bad\.json: not a valid JSON array"):
+        RecordFile(bad, sha256=True)
