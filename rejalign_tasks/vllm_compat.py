@@ -141,12 +141,18 @@ def distribution_version(name: str) -> str:
     try:
         return _metadata_version(name)
     except importlib.metadata.PackageNotFoundError:
-        if name.lower() != "vllm":
+        if name.lower() != "vllm" or _vllm_distribution() is None:
             raise
-        for dist in importlib.metadata.packages_distributions().get("vllm", []):
-            if dist.lower() != "vllm":
-                return _metadata_version(dist)
-        raise
+        return _metadata_version(_vllm_distribution())
+
+
+@functools.cache
+def _vllm_distribution() -> str | None:
+    """The distribution providing the ``vllm`` package (scanning them all takes ~1 s: cached)."""
+    for dist in importlib.metadata.packages_distributions().get("vllm", []):
+        if dist.lower() != "vllm":
+            return dist
+    return None
 
 
 def exec_vllm_causallms(loader, module: types.ModuleType) -> None:

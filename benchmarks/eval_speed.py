@@ -1,0 +1,230 @@
+"""FigStep evaluation speed on vLLM: raw vLLM, our task through lm-eval, a one-at-a-time loop.
+
+One run, the same tiny LLaVA, the same FigStep-Tiny prompts (50), the same greedy decoding and
+maximum of new tokens, each way in a fresh process of this interpreter (which must have vLLM):
+
+1. raw ``vllm.LLM.generate`` over all prompts at once (prompts and images prepared beforehand);
+2. ``lm_eval --model vllm-vlm --apply_chat_template --tasks rejalign_figstep_tiny`` (the CLI,
+   in-process), with no ``--batch_size`` (rejalign makes it ``auto``);
+3. a transformers loop, one prompt at a time, as the upstream evaluation scripts run.
+
+Model loading is timed apart and excluded everywhere, and so are imports. Printed: each way's
+time, lm-eval's time split into generation and the rest, and the ratios. Targets: our task adds
+at most 10% to raw vLLM's time; vLLM batched is at least 5x faster than the loop.
+
+    REJALIGN_DATA_DIR=... .ci-cache/venv-vllm/bin/python benchmarks/eval_speed.py
+    ... benchmarks/eval_speed.py --prompts 20 --max-tokens 128 --model DIR   # quicker / yours
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TASK = "rejalign_figstep_tiny"
+# Small, quick vLLM on CPU (see the README): engine in-process, eager mode, 1 GiB of KV cache.
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+VLLM_KWARGS = {"dtype": "float32", "enforce_eager": True, "seed": 1234}
+
+
+def _prompts(model: str, n: int):
+    """FigStep-Tiny's first ``n`` prompts as lm-eval builds them: chat template, one image."""
+    from transformers import AutoProcessor
+
+    from rejalign_tasks.figstep import doc_to_image, doc_to_text, load_safebench
+
+    processor = AutoProcessor.from_pretrained(model)
+    docs = load_safebench("figstep/SafeBench-Tiny.csv")[:n]
+    prompts, images = [], []
+    for doc in docs:
+        text = doc_to_text(doc).replace("<image>", "")
+        content = [{"type": "image"}, {"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        images.append(doc_to_image(doc)[0])
+    return processor, prompts, images
+
+
+def _warm_up(llm, request) -> None:
+    """One token for one prompt: vLLM loads its input processor on the first request.
+
+    lm-eval's ``VLLM.__init__`` does that work while it resolves the chat template, so without
+    this the first timed ``generate`` of the raw way would carry a start-up cost the other lacks.
+    Counted as model loading in both vLLM ways.
+    """
+    from vllm import SamplingParams
+
+    llm.generate([request], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+
+
+def phase_raw(model: str, n: int, max_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    _, prompts, images = _prompts(model, n)
+    requests = [
+        {"prompt": p, "multi_modal_data": {"image": im}}
+        for p, im in zip(prompts, images, strict=True)
+    ]
+    t0 = time.perf_counter()
+    llm = LLM(model=model, **VLLM_KWARGS)
+    _warm_up(llm, requests[0])
+    load = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    t0 = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    run = time.perf_counter() - t0
+    return {
+        "load_s": load,
+        "run_s": run,
+        "tokens": [len(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+    }
+
+
+def phase_lm_eval(model: str, n: int, max_tokens: int) -> dict:
+    """The real ``lm_eval`` CLI in this process; model load and generation timed by wrappers."""
+    import lm_eval.__main__
+    import lm_eval.evaluator  # noqa: F401 (imports excluded from the timing)
+    import lm_eval.models.vllm_vlms as vllm_vlms
+    import lm_eval.tasks  # noqa: F401
+    from vllm import TextPrompt
+
+    _, prompts, images = _prompts(model, 1)
+    timings = {"load_s": 0.0, "generate_s": 0.0, "tokens": []}
+    cls = vllm_vlms.VLLM_VLM
+    init, generate = cls.__init__, cls._multimodal_model_generate
+    keep = []  # the model outlives the CLI call, so its shutdown is not timed (nor in raw)
+
+    def timed_init(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        init(self, *args, **kwargs)
+        _warm_up(self.model, TextPrompt(prompt=prompts[0], multi_modal_data={"image": images[0]}))
+        timings["load_s"] += time.perf_counter() - t0
+        keep.append(self)
+
+    def timed_generate(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        outputs = generate(self, *args, **kwargs)
+        timings["generate_s"] += time.perf_counter() - t0
+        timings["tokens"] += [len(o.outputs[0].token_ids) for o in outputs]
+        return outputs
+
+    cls.__init__, cls._multimodal_model_generate = timed_init, timed_generate
+    model_args = {"pretrained": model, **VLLM_KWARGS}
+    model_args.pop("seed")  # lm-eval's own default is the same
+    args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["lm_eval", "--model", "vllm-vlm", "--model_args", args, "--apply_chat_template",
+                "--tasks", TASK, "--gen_kwargs", f"max_gen_toks={max_tokens}",
+                "--output_path", out, "--log_samples"]
+        if n < 50:
+            argv += ["--limit", str(n)]
+        saved, sys.argv = sys.argv, argv
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            lm_eval.__main__.cli_evaluate()
+        total = time.perf_counter() - t0
+        sys.argv = saved
+        [results_file] = Path(out).rglob("results_*.json")
+        results = json.loads(results_file.read_text())
+        [samples_file] = Path(out).rglob(f"samples_{TASK}_*.jsonl")
+        samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    texts = [s["resps"][0][0] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    return {
+        **timings,
+        "run_s": total - timings["load_s"],
+        "batch_size": results["config"]["batch_size"],
+        "texts": texts,
+    }
+
+
+def phase_loop(model: str, n: int, max_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    processor, prompts, images = _prompts(model, n)
+    t0 = time.perf_counter()
+    lm = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
+    load = time.perf_counter() - t0
+    texts, tokens = [], []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for prompt, image in zip(prompts, images, strict=True):
+            inputs = processor(text=prompt, images=image, return_tensors="pt")
+            out = lm.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1] :]
+            tokens.append(int(new.numel()))
+            texts.append(processor.tokenizer.decode(new, skip_special_tokens=True))
+    run = time.perf_counter() - t0
+    return {"load_s": load, "run_s": run, "tokens": tokens, "texts": texts,
+            "torch_threads": torch.get_num_threads()}
+
+
+PHASES = {"raw": phase_raw, "lm_eval": phase_lm_eval, "loop": phase_loop}
+
+
+def _run_phase(name: str, model: str, n: int, max_tokens: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        cmd = [sys.executable, __file__, "--phase", name, "--model", model, "--prompts", str(n),
+               "--max-tokens", str(max_tokens), "--result", result.name]
+        env = {**VLLM_ENV, **os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"phase {name} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(Path(result.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a LLaVA folder vLLM can load (default: the tiny one)")
+    parser.add_argument("--prompts", type=int, default=50, help="FigStep-Tiny prompts (<= 50)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="max new tokens (task: 512)")
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        Path(args.result).write_text(json.dumps(PHASES[args.phase](args.model, args.prompts,
+                                                                   args.max_tokens)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from rejalign_train.tiny import build_tiny_llava
+
+            model = str(build_tiny_llava(Path(tmp) / "tiny-llava"))
+        _prompts(model, args.prompts)  # fill the render cache, so no way pays for rendering
+        res = {name: _run_phase(name, model, args.prompts, args.max_tokens) for name in PHASES}
+
+    raw, ours, loop = res["raw"], res["lm_eval"], res["loop"]
+    print(f"{args.prompts} FigStep-Tiny prompts, max {args.max_tokens} new tokens, greedy, "
+          f"float32; model {'tiny LLaVA (built)' if args.model is None else args.model}")
+    print(f"{'way':<34}{'load s':>8}{'run s':>9}{'new tokens':>12}")
+    rows = [("1 raw vllm.LLM.generate (all)", raw),
+            (f"2 lm_eval vllm-vlm (batch {ours['batch_size']})", ours),
+            (f"3 transformers loop ({loop['torch_threads']} threads)", loop)]
+    for label, r in rows:
+        print(f"{label:<34}{r['load_s']:>8.2f}{r['run_s']:>9.2f}{sum(r['tokens']):>12}")
+    print(f"   lm_eval split: generation {ours['generate_s']:.2f} s, everything else "
+          f"{ours['run_s'] - ours['generate_s']:.2f} s")
+    overhead = ours["run_s"] / raw["run_s"] - 1
+    speedup = loop["run_s"] / raw["run_s"]
+    print(f"our task over raw vLLM: +{100 * overhead:.1f}%  (target <= +10%: "
+          f"{'met' if overhead <= 0.10 else 'NOT met'})")
+    print(f"vLLM batched vs one-at-a-time loop: {speedup:.1f}x  (target >= 5x: "
+          f"{'met' if speedup >= 5 else 'NOT met'})")
+    same = sum(a == b for a, b in zip(raw["texts"], ours["texts"], strict=True))
+    same_tokens = sum(a == b for a, b in zip(raw["tokens"], loop["tokens"], strict=True))
+    print(f"raw and lm_eval completions identical: {same}/{args.prompts}; "
+          f"raw and loop token counts equal: {same_tokens}/{args.prompts}")
+
+
+if __name__ == "__main__":
+    main()
