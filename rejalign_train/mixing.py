@@ -371,7 +371,11 @@ def mix(args: MixArguments) -> MixResult:
             k1 = want1
         picks1 = _draw(rng, n1, k1)
         raws1 = [source1.load(i) for i in picks1]
-        checked1 = [normalise(raw, source1.path, i) for raw, i in zip(raws1, picks1, strict=True)]
+        # The turn choice rewrites the kept turn's placeholder: check images after it instead.
+        checked1 = [
+            normalise(raw, source1.path, i, check_images=not args.random_choose)
+            for raw, i in zip(raws1, picks1, strict=True)
+        ]
         drawn_ids = {raw.get("id") for raw in raws1} - {None}
         inputs["refusal"] = _source_info(source1)
 

@@ -358,12 +358,14 @@ def _image_list(value: Any, path: Path, index: int, rid: Any, field: str) -> lis
     )
 
 
-def normalise(raw: Any, path: str | os.PathLike, index: int) -> dict:
+def normalise(raw: Any, path: str | os.PathLike, index: int, *, check_images: bool = True) -> dict:
     """One raw record (either format) -> the normalised record, checked.
 
     Errors (:class:`RecordError`) name the file, the record and the field: not an object, an id
     that is neither string nor integer, no conversation, an unknown role, non-text content, no
-    assistant turn, or a number of ``<image>`` placeholders different from the number of images.
+    assistant turn, or (unless ``check_images`` is off, for a caller that rewrites the
+    placeholders and checks afterwards) a number of ``<image>`` placeholders different from the
+    number of images.
     """
     if not isinstance(path, Path):
         path = Path(path)
@@ -445,7 +447,8 @@ def normalise(raw: Any, path: str | os.PathLike, index: int) -> dict:
             record_id=rid,
             field=fmt,
         )
-    check_placeholders(messages, images, path, index, rid)
+    if check_images:
+        check_placeholders(messages, images, path, index, rid)
     record_id = str(rid) if rid is not None else f"{path.name}:{index}"
     return {"id": record_id, "images": images, "messages": messages}
 

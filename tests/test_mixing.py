@@ -652,3 +652,39 @@ def test_arguments_dataclass_is_usable_from_python(tmp_path):
     )
     result = mix(args)
     assert len(result.records) == 4 and result.manifest["counts"]["total"] == 4
+
+
+def test_turn_choice_repairs_a_missing_placeholder_as_upstream_does(tmp_path, capsys):
+    """With --random_choose the kept human turn gets its <image> at the front, so a refusal
+    record whose text lacks the placeholder is usable (and checked after the repair); without
+    the turn choice it is a placeholder/image mismatch."""
+    records = [
+        _llava("no-tag", ("What is shown?", "A cat."), ("And the colour?", "Grey.")),
+        _llava("tagged", ("<image>\nWhat is it?", "A dog.")),
+    ]
+    first = _write(tmp_path / "first.json", records)
+    for seed in range(3):
+        expected = upstream.upstream_mix(
+            str(first), str(NORMAL), 2, 3, seed=seed, random_choose=True, change_reply=True
+        )
+        reference = tmp_path / "upstream.json"
+        upstream.save(expected, str(reference))
+        out = tmp_path / "official.json"
+        assert (
+            _run("--official", "--refusal_source", first, "--normal_source", NORMAL, "--seed",
+                 seed, "--num_refusal", 2, "--num_normal", 3, "--random_choose", "--output", out)
+            == 0
+        )  # fmt: skip
+        assert out.read_bytes() == reference.read_bytes()
+        out = tmp_path / "default.jsonl"
+        assert (
+            _run("--refusal_source", first, "--num_refusal", 2, "--seed", seed,
+                 "--random_choose", "--output", out)
+            == 0
+        )  # fmt: skip
+        for record in iter_records(out):
+            user = record["messages"][0]["content"]
+            assert user.startswith("<image>\n") and user.count("<image>") == 1
+    err = _error(capsys, "--refusal_source", first, "--num_refusal", 2, "--output",
+                 tmp_path / "plain.jsonl")  # fmt: skip
+    assert "(id 'no-tag'), field 'images': 0 <image> placeholder(s)" in err
