@@ -221,6 +221,13 @@ class SweepArguments:
             f"(default: {BASE_LABEL!r} when the base model is evaluated; 'none': no comparison)."
         },
     )
+    stop_after: Literal["mix", "fit", "eval", "report"] = field(
+        default="report",
+        metadata={
+            "help": "Last kind of step to run, e.g. fit: train every adapter now and evaluate "
+            "later (or elsewhere) with a rerun."
+        },
+    )
     dry_run: bool = field(
         default=False, metadata={"help": "Print which steps a run would skip or redo, and stop."}
     )
@@ -243,6 +250,7 @@ class SweepConfig:
     mix_official: bool = False  # upstream's layout: the mix is written as .json
     refusal_sentence: str | None = None  # a custom single sentence of the mix, for fit
     fit_config_keys: set[str] = field(default_factory=set)
+    baseline: str | None = None  # the report's row every other row is compared with
 
     @property
     def root(self) -> Path:
@@ -403,20 +411,27 @@ def parse_args(argv: list[str]) -> SweepConfig:
     return SweepConfig(args, passthrough)
 
 
-def _parse_known(parser, argv: list[str], what: str) -> list[str]:
-    """``parser.parse_known_args``; argparse's own errors become a SweepError."""
+@contextlib.contextmanager
+def _argparse_errors(what: str) -> Iterator[None]:
+    """argparse reports an error by printing it and exiting: turn that into a SweepError."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            _, unknown = parser.parse_known_args(argv)
+            yield
     except SystemExit:
-        message = err.getvalue().strip().splitlines()
-        raise SweepError(f"{what}: {message[-1] if message else 'invalid options'}") from None
-    return unknown
+        lines = err.getvalue().strip().splitlines()
+        raise SweepError(f"{what}: {lines[-1] if lines else 'invalid options'}") from None
+
+
+def _unknown_options(parser, argv: list[str], what: str) -> None:
+    with _argparse_errors(f"{what} options"):
+        _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise SweepError(f"unknown {what} option(s): {' '.join(unknown)}")
 
 
 def check_config(cfg: SweepConfig) -> None:
-    """Everything that can be checked before the first step runs."""
+    """Everything that can be checked before the first step runs, not hours later."""
     args = cfg.args
     cfg.fractions = parse_fractions(args.fractions)
     if args.total < 1:
@@ -427,6 +442,12 @@ def check_config(cfg: SweepConfig) -> None:
         if value is not None and not Path(value).expanduser().is_file():
             raise SweepError(f"--{option.replace('_', '-')} {value}: file not found")
     cfg.image_root = _image_root(args)
+    rows = ([BASE_LABEL] if args.base else []) + [fraction_label(f) for f in cfg.fractions]
+    cfg.baseline = args.baseline or (BASE_LABEL if args.base else None)
+    if cfg.baseline is not None and cfg.baseline.lower() == "none":
+        cfg.baseline = None
+    if cfg.baseline is not None and cfg.baseline not in rows:
+        raise SweepError(f"--baseline {cfg.baseline}: not a row of this sweep ({', '.join(rows)})")
     if "," in str(cfg.root) or "," in args.model:
         raise SweepError(
             f"{cfg.root if ',' in str(cfg.root) else args.model}: lm-eval's model_args are "
@@ -439,44 +460,46 @@ def check_config(cfg: SweepConfig) -> None:
             json.loads(args.metadata)
         except ValueError as exc:
             raise SweepError(f"--metadata: not JSON ({exc})") from None
+    _check_mix_options(cfg)
+    _check_fit_options(cfg)
+    from lm_eval._cli import HarnessCLI
 
-    # The tools' own parsers check the pass-through names and values now, not hours later.
+    _unknown_options(HarnessCLI()._subparsers.choices["run"], cfg.passthrough["eval"], "eval")
+
+
+def _check_mix_options(cfg: SweepConfig) -> None:
+    """Each fraction's mix options through mix's own parser; what fit must know of them."""
+    from rejalign_train.config import default_refusal_sentence
+
     for f in cfg.fractions:
         mix_args = mix_arguments(cfg, f, cfg.root / "check.jsonl")
     cfg.mix_official = mix_args.official
-    from rejalign_train.config import default_refusal_sentence
-
     if len(mix_args.sentences) == 1 and mix_args.sentences[0] != default_refusal_sentence():
         cfg.refusal_sentence = mix_args.sentences[0]
+
+
+def _check_fit_options(cfg: SweepConfig) -> None:
+    """Pass-through names and values, and the fit configuration file's keys."""
     from transformers import HfArgumentParser
 
     from rejalign_train.config import PARSER_CLASSES, _load_config_file
 
-    fit_parser = HfArgumentParser(PARSER_CLASSES, prog="rejalign-train fit")
+    parser = HfArgumentParser(PARSER_CLASSES, prog="rejalign-train fit")
     placeholders = ["--model", "m", "--data", "d", "--output_dir", "o"]
-    unknown = _parse_known(fit_parser, placeholders + cfg.passthrough["fit"], "fit options")
-    if unknown:
-        raise SweepError(f"unknown fit option(s): {' '.join(unknown)}")
-    if args.fit_config:
+    _unknown_options(parser, placeholders + cfg.passthrough["fit"], "fit")
+    path = cfg.args.fit_config
+    if path:
         try:
-            keys = set(_load_config_file(Path(args.fit_config)))
+            keys = set(_load_config_file(Path(path).expanduser()))
         except (OSError, ValueError) as exc:
-            raise SweepError(f"--fit-config {args.fit_config}: {exc}") from exc
-        cfg.fit_config_keys = keys
-        bad = sorted(keys - {a.dest for a in fit_parser._actions})
+            raise SweepError(f"--fit-config {path}: {exc}") from exc
+        bad = sorted(keys - {a.dest for a in parser._actions})
         if bad:
-            raise SweepError(f"--fit-config {args.fit_config}: unknown option(s) {', '.join(bad)}")
+            raise SweepError(f"--fit-config {path}: unknown option(s) {', '.join(bad)}")
         clash = sorted(keys & set(RESERVED["fit"]))
         if clash:
-            raise SweepError(
-                f"--fit-config {args.fit_config}: {', '.join(clash)} are set by the sweep"
-            )
-    from lm_eval._cli import HarnessCLI
-
-    run_parser = HarnessCLI()._subparsers.choices["run"]
-    unknown = _parse_known(run_parser, cfg.passthrough["eval"], "eval options")
-    if unknown:
-        raise SweepError(f"unknown eval option(s): {' '.join(unknown)}")
+            raise SweepError(f"--fit-config {path}: {', '.join(clash)} are set by the sweep")
+        cfg.fit_config_keys = keys
 
 
 def _image_root(args: SweepArguments) -> Path:
@@ -507,13 +530,9 @@ def mix_arguments(cfg: SweepConfig, fraction: float, output: Path):
         argv += ["--normal_source", str(Path(cfg.args.normal_source).expanduser())]
     argv += ["--refusal_fraction", repr(fraction), "--total", str(cfg.args.total)]
     argv += ["--output", str(output), *cfg.passthrough["mix"]]
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
+        with _argparse_errors("mix options"):
             return parse_args(argv)
-    except SystemExit:
-        lines = err.getvalue().strip().splitlines()
-        raise SweepError(f"mix options: {lines[-1] if lines else 'invalid'}") from None
     except MixError as exc:
         raise SweepError(f"mix options: {exc}") from exc
 
@@ -767,6 +786,37 @@ class Sweep:
 
         return self.step(f"{label}/mix", folder, inputs, execute)
 
+    def fit_command(self, data: Path, adapter: Path) -> list[str]:
+        """``rejalign-train fit`` on one mix, started by ``--fit-launcher`` or this Python."""
+        launcher = shlex.split(self.args.fit_launcher or "") or [sys.executable]
+        cmd = [*launcher, "-m", "rejalign_train.cli", "fit"]
+        if self.args.fit_config:  # fit reads a configuration file only as its first argument
+            cmd.append(str(Path(self.args.fit_config).expanduser().resolve()))
+        cmd += ["--model", self.args.model, "--data", str(data)]
+        cmd += ["--image_root", str(self.cfg.image_root), "--output_dir", str(adapter)]
+        cmd += self.cfg.passthrough["fit"]
+        given = set(_flag_names(self.cfg.passthrough["fit"])) | self.cfg.fit_config_keys
+        if self.cfg.refusal_sentence and "refusal_sentence" not in given:
+            # The mix's custom sentence is the one fit must recognise ("train without EOS").
+            cmd += ["--refusal_sentence", self.cfg.refusal_sentence]
+        return cmd
+
+    def eval_command(self, adapter: Path | None, results: Path) -> list[str]:
+        """``rejalign-eval`` of the base model, or of it with ``adapter``, into ``results``."""
+        model_args = f"pretrained={self.args.model}"
+        if adapter is not None:
+            model_args += f",{BACKEND_ADAPTER_ARG[self.args.backend]}={adapter}"
+        if self.args.model_args:
+            model_args += f",{self.args.model_args}"
+        cmd = [sys.executable, "-m", "rejalign_tasks.run", "--model", self.args.backend]
+        cmd += ["--model_args", model_args, "--tasks", self.args.tasks]
+        cmd += ["--output_path", str(results)]
+        for option in ("device", "batch_size", "limit", "gen_kwargs", "metadata"):
+            value = getattr(self.args, option)
+            if value is not None:
+                cmd += [f"--{option}", value]
+        return cmd + self.cfg.passthrough["eval"]
+
     def fit_step(self, fraction: float, mix_digest: str | None) -> str | None:
         label = fraction_label(fraction)
         folder = self.root / label / "fit"
@@ -783,28 +833,14 @@ class Sweep:
                 "refusal_sentence": self.cfg.refusal_sentence,
             }
 
-        fit_names = set(_flag_names(self.cfg.passthrough["fit"])) | self.cfg.fit_config_keys
-
         def execute(folder: Path, resume: bool) -> list[Path]:
-            launcher = shlex.split(self.args.fit_launcher or "") or [sys.executable]
-            cmd = [*launcher, "-m", "rejalign_train.cli", "fit"]
-            if self.args.fit_config:
-                cmd.append(str(Path(self.args.fit_config).expanduser().resolve()))
-            cmd += [
-                "--model",
-                self.args.model,
-                "--data",
-                str(data),
-                "--image_root",
-                str(self.cfg.image_root),
-                "--output_dir",
-                str(folder / ADAPTER_DIR),
-                *self.cfg.passthrough["fit"],
-            ]
-            if self.cfg.refusal_sentence and "refusal_sentence" not in fit_names:
-                # The mix's custom sentence is what fit must recognise ("train without EOS").
-                cmd += ["--refusal_sentence", self.cfg.refusal_sentence]
+            cmd = self.fit_command(data, folder / ADAPTER_DIR)
             if resume:
+                from rejalign_train.fit import incomplete_dir
+
+                # A checkpoint the kill cut short would be picked as the latest one: drop it.
+                for partial in checkpoints(incomplete_dir(folder / ADAPTER_DIR))[1]:
+                    shutil.rmtree(partial)
                 cmd.append("--resume")
             run_logged(cmd, folder / "fit.log", self.args.verbose, f"{label}/fit")
             from rejalign_train.manifest import is_finished
@@ -817,7 +853,8 @@ class Sweep:
         def resumable(folder: Path) -> bool:
             from rejalign_train.fit import incomplete_dir
 
-            return self.args.resume_fit and incomplete_dir(folder / ADAPTER_DIR).is_dir()
+            work = incomplete_dir(folder / ADAPTER_DIR)
+            return self.args.resume_fit and bool(checkpoints(work)[0])
 
         return self.step(f"{label}/fit", folder, inputs, execute, resumable)
 
@@ -845,19 +882,7 @@ class Sweep:
             }
 
         def execute(folder: Path, resume: bool) -> list[Path]:
-            model_args = f"pretrained={self.args.model}"
-            if adapter is not None:
-                model_args += f",{BACKEND_ADAPTER_ARG[self.args.backend]}={adapter}"
-            if self.args.model_args:
-                model_args += f",{self.args.model_args}"
-            cmd = [sys.executable, "-m", "rejalign_tasks.run", "--model", self.args.backend]
-            cmd += ["--model_args", model_args, "--tasks", self.args.tasks]
-            cmd += ["--output_path", str(folder / RESULTS_DIR)]
-            for option in ("device", "batch_size", "limit", "gen_kwargs", "metadata"):
-                value = getattr(self.args, option)
-                if value is not None:
-                    cmd += [f"--{option}", value]
-            cmd += self.cfg.passthrough["eval"]
+            cmd = self.eval_command(adapter, folder / RESULTS_DIR)
             run_logged(cmd, folder / "eval.log", self.args.verbose, f"{label}/eval")
             results = sorted((folder / RESULTS_DIR).rglob("results_*.json"))
             if len(results) != 1:
@@ -871,13 +896,7 @@ class Sweep:
 
     def report_step(self, evals: dict[str, str | None]) -> str | None:
         folder = self.root / REPORT_DIR
-        baseline = self.args.baseline
-        if baseline is None:
-            baseline = BASE_LABEL if BASE_LABEL in evals else None
-        elif baseline.lower() == "none":
-            baseline = None
-        if baseline is not None and baseline not in evals:
-            raise SweepError(f"--baseline {baseline}: not a row of this sweep ({', '.join(evals)})")
+        baseline = self.cfg.baseline
         inputs = None
         if all(d is not None for d in evals.values()):
             inputs = {
@@ -915,17 +934,35 @@ class Sweep:
                     "written": utc_now(),
                 },
             )
+        last = ("mix", "fit", "eval", "report").index(self.args.stop_after)
         mixes = {f: self.mix_step(f) for f in self.cfg.fractions}
         evals: dict[str, str | None] = {}
-        if self.args.base:
+        if self.args.base and last >= 2:
             evals[BASE_LABEL] = self.eval_step(BASE_LABEL, None, None)
-        for f in self.cfg.fractions:
+        for f in self.cfg.fractions if last >= 1 else ():
             label = fraction_label(f)
             fit_digest = self.fit_step(f, mixes[f])
-            adapter = self.root / label / "fit" / ADAPTER_DIR
-            evals[label] = self.eval_step(label, fit_digest, adapter)
-        self.report_step(evals)
+            if last >= 2:
+                adapter = self.root / label / "fit" / ADAPTER_DIR
+                evals[label] = self.eval_step(label, fit_digest, adapter)
+        if last >= 3:
+            self.report_step(evals)
         return self.records
+
+
+def checkpoints(work: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, partial) Trainer checkpoints in a fit's work folder.
+
+    The Trainer writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
+    states, so a checkpoint without it was cut short, and ``get_last_checkpoint`` would still
+    pick it when it is the newest.
+    """
+    found = sorted(
+        (p for p in work.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        key=lambda p: int(p.name[11:]),
+    )
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    return complete, [p for p in found if p not in complete]
 
 
 def _model_key(model: str) -> str:
@@ -972,8 +1009,12 @@ def main(argv: list[str] | None = None) -> int:
         todo = len(records) - skipped
         print(f"rejalign-sweep: dry run: {todo} step(s) to run, {skipped} finished")
     else:
-        report = cfg.root / REPORT_DIR / "report.md"
-        print(f"rejalign-sweep: {ran} step(s) run, {skipped} skipped; report: {report}")
+        done = f"rejalign-sweep: {ran} step(s) run, {skipped} skipped"
+        if cfg.args.stop_after == "report":
+            done += f"; report: {cfg.root / REPORT_DIR / 'report.md'}"
+        else:
+            done += f"; stopped after the {cfg.args.stop_after} steps (--stop-after)"
+        print(done)
     return 0
 
 
