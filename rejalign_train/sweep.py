@@ -145,10 +145,7 @@ class SweepArguments:
     )
     fractions: list[str] = field(
         default_factory=lambda: list(DEFAULT_FRACTIONS),
-        metadata={
-            "help": "Refusal fractions in [0, 1], comma- or space-separated "
-            f"(default {','.join(DEFAULT_FRACTIONS)})."
-        },
+        metadata={"help": "Refusal fractions in [0, 1], comma- or space-separated."},
     )
     image_root: str | None = field(
         default=None,
@@ -384,7 +381,16 @@ def parse_args(argv: list[str]) -> SweepConfig:
 
     from rejalign_train.config import _load_config_file
 
-    parser = HfArgumentParser(SweepArguments, prog="rejalign-sweep")
+    parser = HfArgumentParser(
+        SweepArguments,
+        prog="rejalign-sweep",
+        description="Mix, fit and evaluate per refusal fraction, then one report (table and "
+        "ASR-against-refusal-fraction figure). Reruns skip finished steps.",
+        epilog="Options of the tools pass through: --mix.NAME VALUE (rejalign-train mix), "
+        "--fit.NAME VALUE (rejalign-train fit), --eval.NAME VALUE (rejalign-eval / lm-eval "
+        "run). A YAML/JSON file given first sets any option above, and mix:, fit: and eval: "
+        "mappings of tool options; flags after it override it.",
+    )
     passthrough: dict[str, list[str]] = {s: [] for s in SECTIONS}
     path = _config_file(argv)
     if path is not None:
@@ -1003,6 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"rejalign-sweep: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("rejalign-sweep: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
     ran = sum(r.state == "ran" for r in records)
     skipped = sum(r.state == "skipped" for r in records)
     if cfg.args.dry_run:
