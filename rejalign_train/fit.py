@@ -34,7 +34,6 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from rejalign_train.chat import ChatRenderer
 from rejalign_train.collator import VisionChatCollator
@@ -442,7 +441,7 @@ def fit(
         callbacks=[timer, *(callbacks or [])],
         projector_lr=model_args.projector_lr if model_args.train_projector else None,
     )
-    checkpoint = get_last_checkpoint(str(work)) if train_args.resume and work.exists() else None
+    checkpoint = last_complete_checkpoint(work) if train_args.resume and work.exists() else None
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -519,3 +518,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["fit", "main", "FitError", "is_finished", "read_manifest", "merge_adapter"]
+
+
+def trainer_checkpoints(work: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, partial) Trainer checkpoints in a run's work folder, oldest first.
+
+    The Trainer writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
+    states, so a checkpoint without a readable one was cut short by a kill; transformers'
+    ``get_last_checkpoint`` would still pick it when it is the newest.
+    """
+    found = sorted(
+        (p for p in work.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        key=lambda p: int(p.name[11:]),
+    )
+    complete = []
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        complete.append(path)
+    return complete, [p for p in found if p not in complete]
+
+
+def last_complete_checkpoint(work: Path) -> str | None:
+    """The newest complete checkpoint; partial ones (a kill mid-save) are removed first."""
+    complete, partial = trainer_checkpoints(work)
+    for path in partial:
+        logger.warning("discarding %s: the checkpoint was cut short", path)
+        shutil.rmtree(path)
+    return str(complete[-1]) if complete else None

@@ -841,12 +841,7 @@ class Sweep:
 
         def execute(folder: Path, resume: bool) -> list[Path]:
             cmd = self.fit_command(data, folder / ADAPTER_DIR)
-            if resume:
-                from rejalign_train.fit import incomplete_dir
-
-                # A checkpoint the kill cut short would be picked as the latest one: drop it.
-                for partial in checkpoints(incomplete_dir(folder / ADAPTER_DIR))[1]:
-                    shutil.rmtree(partial)
+            if resume:  # fit --resume skips (and removes) a checkpoint a kill cut short
                 cmd.append("--resume")
             run_logged(cmd, folder / "fit.log", self.args.verbose, f"{label}/fit")
             from rejalign_train.manifest import is_finished
@@ -857,10 +852,10 @@ class Sweep:
             return [p for p in adapter.iterdir() if p.is_file()]
 
         def resumable(folder: Path) -> bool:
-            from rejalign_train.fit import incomplete_dir
+            from rejalign_train.fit import incomplete_dir, trainer_checkpoints
 
             work = incomplete_dir(folder / ADAPTER_DIR)
-            return self.args.resume_fit and bool(checkpoints(work)[0])
+            return self.args.resume_fit and bool(trainer_checkpoints(work)[0])
 
         return self.step(f"{label}/fit", folder, inputs, execute, resumable)
 
@@ -954,21 +949,6 @@ class Sweep:
         if last >= 3:
             self.report_step(evals)
         return self.records
-
-
-def checkpoints(work: Path) -> tuple[list[Path], list[Path]]:
-    """(complete, partial) Trainer checkpoints in a fit's work folder.
-
-    The Trainer writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
-    states, so a checkpoint without it was cut short, and ``get_last_checkpoint`` would still
-    pick it when it is the newest.
-    """
-    found = sorted(
-        (p for p in work.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-        key=lambda p: int(p.name[11:]),
-    )
-    complete = [p for p in found if (p / "trainer_state.json").is_file()]
-    return complete, [p for p in found if p not in complete]
 
 
 def _model_key(model: str) -> str:

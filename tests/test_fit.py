@@ -354,3 +354,21 @@ def test_same_fit_under_torchrun_ddp(tiny_llava, shapes_data, tmp_path):
     # 2 steps x 2 processes x 4 samples = 16 samples = one epoch.
     assert manifest["training"]["global_step"] == 2 and manifest["training"]["epochs"] == 1.0
     assert proc.stdout.strip().splitlines()[-1] == str(out.resolve())  # printed once, by rank 0
+
+
+def test_resume_skips_and_removes_a_checkpoint_cut_short(tmp_path):
+    """A kill during a checkpoint save leaves a folder without (a readable) trainer_state.json."""
+    from rejalign_train.fit import last_complete_checkpoint, trainer_checkpoints
+
+    for step, state in ((2, "{}"), (4, "{}"), (6, None), (8, '{"trunc')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    complete, partial = trainer_checkpoints(tmp_path)
+    assert [p.name for p in complete] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in partial] == ["checkpoint-6", "checkpoint-8"]
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert last_complete_checkpoint(tmp_path / "nothing-here") is None

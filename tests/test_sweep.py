@@ -26,6 +26,7 @@ import yaml
 from PIL import Image
 
 from rejalign_train import sweep
+from rejalign_train.fit import trainer_checkpoints
 from rejalign_train.sweep import (
     STEP_MARKER,
     SweepError,
@@ -397,7 +398,7 @@ def test_resume_fit_continues_a_killed_fit_from_its_checkpoint(config_file, tmp_
     with open(tmp_path / "first.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 600
-        while not sweep.checkpoints(work)[0]:
+        while not trainer_checkpoints(work)[0]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail((tmp_path / "first.log").read_text(errors="replace")[-4000:])
