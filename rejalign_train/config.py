@@ -194,7 +194,7 @@ def bf16_available(use_cpu: bool = False) -> bool:
 PARSER_CLASSES = (ModelArguments, DataArguments, FitArguments)
 
 
-def _load_config_file(path: Path) -> dict:
+def load_config_file(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         data = json.loads(text)
@@ -223,7 +223,7 @@ def parse_fit_args(
             ".json",
         )
     ):
-        config = _load_config_file(Path(argv[0]))
+        config = load_config_file(Path(argv[0]))
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:

@@ -379,7 +379,7 @@ def parse_args(argv: list[str]) -> SweepConfig:
     """Flags, or a YAML/JSON file (first argument) whose values flags may override."""
     from transformers import HfArgumentParser
 
-    from rejalign_train.config import _load_config_file
+    from rejalign_train.config import load_config_file
 
     parser = HfArgumentParser(
         SweepArguments,
@@ -395,7 +395,7 @@ def parse_args(argv: list[str]) -> SweepConfig:
     path = _config_file(argv)
     if path is not None:
         try:
-            config = _load_config_file(path)
+            config = load_config_file(path)
         except (OSError, ValueError) as exc:
             raise SweepError(f"{path}: cannot read the configuration ({exc})") from exc
         for section in SECTIONS:
@@ -488,7 +488,7 @@ def _check_fit_options(cfg: SweepConfig) -> None:
     """Pass-through names and values, and the fit configuration file's keys."""
     from transformers import HfArgumentParser
 
-    from rejalign_train.config import PARSER_CLASSES, _load_config_file
+    from rejalign_train.config import PARSER_CLASSES, load_config_file
 
     parser = HfArgumentParser(PARSER_CLASSES, prog="rejalign-train fit")
     placeholders = ["--model", "m", "--data", "d", "--output_dir", "o"]
@@ -496,7 +496,7 @@ def _check_fit_options(cfg: SweepConfig) -> None:
     path = cfg.args.fit_config
     if path:
         try:
-            keys = set(_load_config_file(Path(path).expanduser()))
+            keys = set(load_config_file(Path(path).expanduser()))
         except (OSError, ValueError) as exc:
             raise SweepError(f"--fit-config {path}: {exc}") from exc
         bad = sorted(keys - {a.dest for a in parser._actions})
