@@ -92,6 +92,17 @@ def phase_raw(model: str, n: int, max_tokens: int) -> dict:
     }
 
 
+def _timed(fn, timings: dict, key: str):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[key] += time.perf_counter() - t0
+
+    return wrapper
+
+
 def phase_lm_eval(model: str, n: int, max_tokens: int) -> dict:
     """The real ``lm_eval`` CLI in this process; model load and generation timed by wrappers."""
     import lm_eval.__main__
@@ -99,6 +110,8 @@ def phase_lm_eval(model: str, n: int, max_tokens: int) -> dict:
     import lm_eval.models.vllm_vlms as vllm_vlms
     import lm_eval.tasks  # noqa: F401
     from vllm import TextPrompt
+
+    from rejalign_tasks import figstep
 
     _, prompts, images = _prompts(model, 1)
     timings = {"load_s": 0.0, "generate_s": 0.0, "tokens": [], "texts": []}
@@ -128,6 +141,10 @@ def phase_lm_eval(model: str, n: int, max_tokens: int) -> dict:
 
     cls.__init__, cls._multimodal_model_generate = timed_init, timed_generate
     cls.generate_until = answers
+    # Our task's own code (data, images, scoring), looked up by lm-eval when it loads the task.
+    timings["task_code_s"] = 0.0
+    for name in ("safebench_tiny", "doc_to_text", "doc_to_image", "process_results"):
+        setattr(figstep, name, _timed(getattr(figstep, name), timings, "task_code_s"))
     model_args = {"pretrained": model, **VLLM_KWARGS}
     model_args.pop("seed")  # lm-eval's own default is the same
     args = ",".join(f"{k}={v}" for k, v in model_args.items())
@@ -236,8 +253,10 @@ def main() -> None:
               f"{sum(runs[name][0]['tokens']):>12}   {each}")
     gen = _best([r["generate_s"] for r in runs["lm_eval"]])
     rest = _best([r["run_s"] - r["generate_s"] for r in runs["lm_eval"]])
-    print(f"   lm_eval: vLLM generate {gen:.2f} s, everything else (our task's data, images and "
-          f"scoring; lm-eval's harness) {rest:.2f} s")
+    task_code = _best([r["task_code_s"] for r in runs["lm_eval"]])
+    share = 100 * task_code / med["raw"]["run_s"]
+    print(f"   lm_eval: vLLM generate {gen:.2f} s, everything else {rest:.2f} s, of which our "
+          f"task's code (data, images, scoring) {task_code:.2f} s ({share:.1f}% of raw)")
     overhead = med["lm_eval"]["run_s"] / med["raw"]["run_s"] - 1
     added = rest / med["raw"]["run_s"]
     speedup = med["loop"]["run_s"] / med["raw"]["run_s"]
