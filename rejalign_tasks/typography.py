@@ -70,11 +70,9 @@ class FontChoice:
 
 
 def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from rejalign_tasks.data import sha256_file
+
+    return sha256_file(path)
 
 
 def _fc_match(pattern: str) -> str | None:
@@ -156,12 +154,16 @@ def figstep_text(instruction: str) -> str:
 
 def render_figstep(instruction: str, font: FontChoice | None = None) -> Image.Image:
     """Render one FigStep image (no cache)."""
+    return draw_figstep_layout(figstep_text(instruction), font)
+
+
+def draw_figstep_layout(text: str, font: FontChoice | None = None) -> Image.Image:
+    """``text`` drawn as FigStep draws: black, size 80 at (20, 10), spacing 11, white 760x760."""
     font = font or resolve_figstep_font()
     image = Image.new("RGB", FIGSTEP_SIZE, "#FFFFFF")
-    draw = ImageDraw.Draw(image)
-    draw.text(
+    ImageDraw.Draw(image).text(
         FIGSTEP_XY,
-        figstep_text(instruction),
+        text,
         fill="#000000",
         font=_load_font(font.path, FIGSTEP_FONT_SIZE),
         spacing=FIGSTEP_SPACING,

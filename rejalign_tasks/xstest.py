@@ -16,21 +16,17 @@ from __future__ import annotations
 import textwrap
 
 import datasets
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from rejalign_tasks.data import DataFormatError, data_file, read_csv_records
 from rejalign_tasks.judges import Verdict, paper_string_judge, xstest_string_judge
 from rejalign_tasks.metrics import per_category
 from rejalign_tasks.typography import (
     FALLBACK_FONT_NAME,
-    FIGSTEP_FONT_SIZE,
-    FIGSTEP_SIZE,
-    FIGSTEP_SPACING,
     FIGSTEP_WRAP,
-    FIGSTEP_XY,
     FontChoice,
-    _load_font,
     cached_render,
+    draw_figstep_layout,
     resolve_figstep_font,
 )
 
@@ -145,16 +141,7 @@ def typo_text(prompt: str) -> str:
 def render_xstest_typo(prompt: str, font: FontChoice | None = None) -> Image.Image:
     """Draw ``prompt`` as FigStep draws an instruction: black FreeMonoBold 80 at (20, 10), line
     spacing 11, on a white 760x760 canvas. Every XSTest prompt fits (at most 8 lines)."""
-    font = font or resolve_figstep_font()
-    image = Image.new("RGB", FIGSTEP_SIZE, "#FFFFFF")
-    ImageDraw.Draw(image).text(
-        FIGSTEP_XY,
-        typo_text(prompt),
-        fill="#000000",
-        font=_load_font(font.path, FIGSTEP_FONT_SIZE),
-        spacing=FIGSTEP_SPACING,
-    )
-    return image
+    return draw_figstep_layout(typo_text(prompt), font)
 
 
 def xstest_typo_image(prompt: str, font: FontChoice | None = None) -> Image.Image:
