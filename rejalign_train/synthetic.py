@@ -67,16 +67,7 @@ def shape_records(
         shape_image(shape, colour, background, size).save(image_dir.parent / rel)
         question = rng.choice(QUESTIONS)
         answer = f"The picture shows a {colour} {shape} on a {background} background."
-        records.append(
-            {
-                "id": f"{id_prefix}_{i}",
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-            }
-        )
+        records.append(llava_record(f"{id_prefix}_{i}", rel, question, answer))
     return records
 
 
@@ -147,14 +138,17 @@ def typographic_records(
     for i, instruction in enumerate(instructions):
         rel = f"{image_dir.name}/{id_prefix}_{i}.png"
         figstep_image(instruction).save(image_dir.parent / rel)
-        records.append(
-            {
-                "id": f"{id_prefix}_{i}",
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{FIGSTEP_PROMPT}"},
-                    {"from": "gpt", "value": answer},
-                ],
-            }
-        )
+        records.append(llava_record(f"{id_prefix}_{i}", rel, FIGSTEP_PROMPT, answer))
     return records
+
+
+def llava_record(record_id: str, image: str, question: str, answer: str) -> dict:
+    """One single-turn LLaVA-format record with its image placeholder first."""
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }

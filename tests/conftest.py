@@ -22,6 +22,17 @@ def data_dir() -> Path:
     return Path(value)
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Training tests run torch on one thread: steadier on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     from rejalign_train.tiny import build_tiny_llava
