@@ -66,9 +66,21 @@ def _store(path: Path, signature: str, index) -> None:
         log.debug("task index cache not written (%s)", exc)
 
 
-def cached_build(original_build, version: str):
+def cached_build(original_build, version: str, cacheable=None):
     """Wrap ``TaskIndex.build`` to build (or load) each folder's index separately, then merge
-    them in order exactly as lm-eval does: later folders override earlier ones, with a warning."""
+    them in order exactly as lm-eval does: later folders override earlier ones, with a warning.
+
+    Only folders for which ``cacheable(root)`` holds are cached: by default lm-eval's own task
+    folder, which is self-contained (its ``include:`` files lie inside it, so the signature covers
+    them) and is where the time goes. A user's ``--include_path`` may include templates from
+    outside itself, and is small, so it is always parsed afresh.
+    """
+    if cacheable is None:
+
+        def cacheable(root: Path) -> bool:
+            import lm_eval.tasks  # imported by the time an index is built
+
+            return root.resolve() == Path(lm_eval.tasks.__file__).resolve().parent
 
     def build(paths, *, resolve_includes=True):
         if os.environ.get(_ENV_OFF) or not resolve_includes:
@@ -77,7 +89,7 @@ def cached_build(original_build, version: str):
         for root in paths:
             root = Path(root)
             path_index = None
-            if root.is_dir():
+            if root.is_dir() and cacheable(root):
                 signature = folder_signature(root)
                 cache = _cache_file(root.resolve(), version)
                 path_index = _load(cache, signature)

@@ -43,7 +43,7 @@ def test_cached_index_equals_lm_evals_own(original_build, tmp_path, monkeypatch)
 
     roots = [Path(lm_eval.tasks.__file__).parent, task_configs_dir()]
     expected = _summary(original_build(roots))
-    build = cached_build(original_build, "test")
+    build = cached_build(original_build, "test", cacheable=lambda root: True)
     cold = build(roots)
     assert list((tmp_path / "cache").rglob("*.pkl"))
     warm = build(roots)
@@ -54,7 +54,7 @@ def test_cached_index_equals_lm_evals_own(original_build, tmp_path, monkeypatch)
 
 def test_any_change_invalidates(original_build, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    build = cached_build(original_build, "test")
+    build = cached_build(original_build, "test", cacheable=lambda root: True)
     folder = _task_folder(tmp_path / "tasks", "my_task")
     assert build([folder])["my_task"].cfg["doc_to_text"] == "hello"
     signature = folder_signature(folder)
@@ -70,7 +70,7 @@ def test_any_change_invalidates(original_build, tmp_path, monkeypatch):
 
 def test_later_folders_override_earlier_ones(original_build, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    build = cached_build(original_build, "test")
+    build = cached_build(original_build, "test", cacheable=lambda root: True)
     first = _task_folder(tmp_path / "a", "same", text="first")
     second = _task_folder(tmp_path / "b", "same", text="second")
     for _ in range(2):  # cold, then warm
@@ -78,9 +78,21 @@ def test_later_folders_override_earlier_ones(original_build, tmp_path, monkeypat
         assert _summary(build([first, second])) == _summary(original_build([first, second]))
 
 
+def test_only_lm_evals_own_folder_is_cached_by_default(original_build, tmp_path, monkeypatch):
+    """A user's include path may include templates from outside itself: never cached."""
+    import lm_eval.tasks
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    build = cached_build(original_build, "test")
+    build([_task_folder(tmp_path / "user", "mine")])
+    assert not list((tmp_path / "cache").rglob("*.pkl"))
+    build([Path(lm_eval.tasks.__file__).parent])
+    assert len(list((tmp_path / "cache").rglob("*.pkl"))) == 1
+
+
 def test_can_be_turned_off(original_build, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("REJALIGN_NO_INDEX_CACHE", "1")
-    build = cached_build(original_build, "test")
+    build = cached_build(original_build, "test", cacheable=lambda root: True)
     build([_task_folder(tmp_path / "t", "x")])
     assert not list((tmp_path / "cache").rglob("*.pkl"))
