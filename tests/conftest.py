@@ -41,6 +41,26 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lora_adapter(tiny_llava, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny LLaVA's language-model q_proj/v_proj with non-zero weights,
+    so that applying it visibly changes the completions."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=2.0)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     from rejalign_train.tiny import build_tiny_causal_lm
 

@@ -57,21 +57,11 @@ def test_figstep_tiny_hf_multimodal(tiny_llava, lm_eval_cli, tmp_path, data_dir)
     _check_figstep_results(results, samples["rejalign_figstep_tiny"], 50)
 
 
-def test_figstep_tiny_with_lora_adapter(tiny_llava, lm_eval_cli, tmp_path, data_dir):
+def test_figstep_tiny_with_lora_adapter(
+    tiny_llava, tiny_lora_adapter, lm_eval_cli, tmp_path, data_dir
+):
     """peft= loads a LoRA adapter; an adapter with non-zero weights changes the completions."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)")
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(1)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=2.0)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
+    adapter = tiny_lora_adapter
 
     base_proc, _, base_samples = lm_eval_cli(
         [

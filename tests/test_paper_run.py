@@ -153,25 +153,6 @@ def test_route_splits_by_modality_and_restores_the_order():
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_llava, tmp_path_factory) -> Path:
-    """A LoRA adapter on the language model's q_proj/v_proj with non-zero weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)")
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(1)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=2.0)
-    out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def task_manager():
     from lm_eval.tasks import TaskManager
 
@@ -202,10 +183,10 @@ def _evaluate(task_manager, tasks: list[str], model_args: dict) -> dict[str, lis
 
 
 @pytest.fixture(scope="module")
-def separate_runs(tiny_llava, adapter, task_manager, data_dir) -> dict[str, dict]:
+def separate_runs(tiny_llava, tiny_lora_adapter, task_manager, data_dir) -> dict[str, dict]:
     """Plain lm-eval (no routing): text-only and image-only runs, with and without the adapter."""
     uninstall()
-    with_adapter = {"pretrained": str(tiny_llava), "peft": str(adapter)}
+    with_adapter = {"pretrained": str(tiny_llava), "peft": str(tiny_lora_adapter)}
     return {
         "adapter": {
             **_evaluate(task_manager, ["rejalign_xstest"], with_adapter),
@@ -227,14 +208,14 @@ def test_plain_lm_eval_cannot_mix_text_and_image_tasks(tiny_llava, task_manager,
 
 
 def test_routed_mixed_run_answers_like_separate_runs(
-    tiny_llava, adapter, task_manager, separate_runs, data_dir
+    tiny_llava, tiny_lora_adapter, task_manager, separate_runs, data_dir
 ):
     install()
     try:
         mixed = _evaluate(
             task_manager,
             ["rejalign_xstest", "rejalign_xstest_typo"],
-            {"pretrained": str(tiny_llava), "peft": str(adapter)},
+            {"pretrained": str(tiny_llava), "peft": str(tiny_lora_adapter)},
         )
     finally:
         uninstall()
@@ -269,13 +250,13 @@ def _rejalign_eval(args: list[str], **env_vars: str) -> subprocess.CompletedProc
 
 
 def test_paper_run_with_adapter_leaves_one_results_folder(
-    tiny_llava, adapter, sd_images, separate_runs, tmp_path, data_dir
+    tiny_llava, tiny_lora_adapter, sd_images, separate_runs, tmp_path, data_dir
 ):
     out = tmp_path / "results"
     proc = _rejalign_eval(
         [
             "--model_args",
-            f"pretrained={tiny_llava},peft={adapter},dtype=float32",
+            f"pretrained={tiny_llava},peft={tiny_lora_adapter},dtype=float32",
             "--device",
             "cpu",
             "--limit",
@@ -301,7 +282,7 @@ def test_paper_run_with_adapter_leaves_one_results_folder(
 
     results = json.loads(results_file.read_text())
     assert results["config"]["model"] == "hf-multimodal"
-    assert results["config"]["model_args"]["peft"] == str(adapter)
+    assert results["config"]["model_args"]["peft"] == str(tiny_lora_adapter)
     assert results["group_subtasks"] == PAPER_GROUPS
     for group in PAPER_GROUPS:  # groups organise; they never average unlike metrics
         assert set(results["results"][group]) == {"alias", "name"}
