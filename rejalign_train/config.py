@@ -21,16 +21,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
-DEFAULT_REFUSAL_SENTENCE = "I'm sorry, but I cannot assist with your request"
-
-
-def default_refusal_sentence() -> str:
-    """The ``mix`` subcommand's refusal sentence, so that both halves agree by construction."""
-    try:
-        from rejalign_train.mixing import REFUSAL_SENTENCE
-    except ImportError:
-        return DEFAULT_REFUSAL_SENTENCE
-    return REFUSAL_SENTENCE
+from rejalign_tasks.contracts import REFUSAL_SENTENCE
 
 
 @dataclass
@@ -105,7 +96,7 @@ class DataArguments:
         },
     )
     refusal_sentence: str = field(
-        default_factory=default_refusal_sentence,
+        default=REFUSAL_SENTENCE,
         metadata={"help": "A sample containing this text is a refusal sample."},
     )
 

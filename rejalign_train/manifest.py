@@ -15,10 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rejalign_tasks.atomic import write_text_atomic
-from rejalign_tasks.data import sha256_file
+from rejalign_tasks.contracts import MANIFEST_NAME, sha256_file, write_text_atomic
 
-MANIFEST_NAME = "rejalign_manifest.json"
 MANIFEST_FORMAT = "rejalign-fit/1"
 _LIBRARIES = (
     "rejalign",

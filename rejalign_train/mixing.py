@@ -49,7 +49,7 @@ from itertools import compress
 from pathlib import Path
 from typing import Any, Literal
 
-from rejalign_tasks.atomic import write_text_atomic
+from rejalign_tasks.contracts import REFUSAL_SENTENCE, write_text_atomic
 from rejalign_train.records import (
     IMAGE_PLACEHOLDER,
     RecordError,
@@ -60,7 +60,6 @@ from rejalign_train.records import (
     write_records,
 )
 
-REFUSAL_SENTENCE = "I'm sorry, but I cannot assist with your request"
 # Upstream's turn-choice rule skips human turns containing this (case-insensitive): follow-up
 # questions ("What about the left one?") make no sense once the earlier turns are cut away.
 FOLLOW_UP_MARKER = "what about"

@@ -42,9 +42,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from rejalign_tasks.atomic import atomic_path
+from rejalign_tasks.contracts import IMAGE_PLACEHOLDER, atomic_path
 
-IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("user", "assistant", "system")
 RecordFormat = Literal["llava", "messages"]
 Layout = Literal["json", "jsonl"]

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rejalign_tasks.data import sha256_file
+from rejalign_tasks.contracts import REFUSAL_SENTENCE, sha256_file
 from rejalign_train.manifest import library_versions, utc_now, write_json_atomic
 
 logger = logging.getLogger("rejalign_train.sweep")
@@ -475,12 +475,11 @@ def check_config(cfg: SweepConfig) -> None:
 
 def _check_mix_options(cfg: SweepConfig) -> None:
     """Each fraction's mix options through mix's own parser; what fit must know of them."""
-    from rejalign_train.config import default_refusal_sentence
 
     for f in cfg.fractions:
         mix_args = mix_arguments(cfg, f, cfg.root / "check.jsonl")
     cfg.mix_official = mix_args.official
-    if len(mix_args.sentences) == 1 and mix_args.sentences[0] != default_refusal_sentence():
+    if len(mix_args.sentences) == 1 and mix_args.sentences[0] != REFUSAL_SENTENCE:
         cfg.refusal_sentence = mix_args.sentences[0]
 
 
@@ -814,7 +813,7 @@ class Sweep:
             model_args += f",{BACKEND_ADAPTER_ARG[self.args.backend]}={adapter}"
         if self.args.model_args:
             model_args += f",{self.args.model_args}"
-        cmd = [sys.executable, "-m", "rejalign_tasks.run", "--model", self.args.backend]
+        cmd = [sys.executable, "-m", "rejalign_tasks.harness.cli", "--model", self.args.backend]
         cmd += ["--model_args", model_args, "--tasks", self.args.tasks]
         cmd += ["--output_path", str(results)]
         for option in ("device", "batch_size", "limit", "gen_kwargs", "metadata"):
@@ -907,9 +906,9 @@ class Sweep:
             }
 
         def execute(folder: Path, resume: bool) -> list[Path]:
-            from rejalign_tasks.eval_logs import ReportInputError
-            from rejalign_tasks.report import make_report
-            from rejalign_tasks.report_spec import SpecError, load_spec
+            from rejalign_tasks.report.logs import ReportInputError
+            from rejalign_tasks.report.report import make_report
+            from rejalign_tasks.report.spec import SpecError, load_spec
 
             runs = [f"{label}={self.root / label / 'eval' / RESULTS_DIR}" for label in evals]
             try:

@@ -129,8 +129,8 @@ def typographic_records(
     id_prefix: str = "typo",
 ) -> list[dict]:
     """LLaVA-format records over FigStep-style images of ``instructions`` with FigStep's prompt."""
-    from rejalign_tasks.figstep import FIGSTEP_PROMPT
-    from rejalign_tasks.typography import figstep_image
+    from rejalign_tasks.benchmarks.figstep import FIGSTEP_PROMPT
+    from rejalign_tasks.benchmarks.typography import figstep_image
 
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rejalign_tasks.data import DATA_DIR_ENV
+from rejalign_tasks.benchmarks.data import DATA_DIR_ENV
 
 
 @pytest.fixture(scope="session")

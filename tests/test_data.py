@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rejalign_tasks import data as data_mod
-from rejalign_tasks.data import (
+from rejalign_tasks.benchmarks import data as data_mod
+from rejalign_tasks.benchmarks.data import (
     SOURCES,
     DataFormatError,
     DataUnavailableError,
@@ -13,7 +13,12 @@ from rejalign_tasks.data import (
     read_csv_records,
     sha256_file,
 )
-from rejalign_tasks.figstep import SAFEBENCH_COLUMNS, load_safebench, safebench, safebench_tiny
+from rejalign_tasks.benchmarks.figstep import (
+    SAFEBENCH_COLUMNS,
+    load_safebench,
+    safebench,
+    safebench_tiny,
+)
 
 
 def test_local_copies_match_the_pinned_upstream_checksums(data_dir):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from rejalign_tasks.figstep import FIGSTEP_PROMPT, FIGSTEP_PROMPT_OFFICIAL_SCRIPT, TOPIC_SLUGS
+from rejalign_tasks.benchmarks.figstep import (
+    FIGSTEP_PROMPT,
+    FIGSTEP_PROMPT_OFFICIAL_SCRIPT,
+    TOPIC_SLUGS,
+)
 
 COMMON = ["--device", "cpu", "--gen_kwargs", "max_gen_toks=12"]
 

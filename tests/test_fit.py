@@ -16,7 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from rejalign_tasks.data import sha256_file
+from rejalign_tasks.contracts import sha256_file
 from rejalign_train.chat import ChatRenderer
 from rejalign_train.cli import main as cli_main
 from rejalign_train.collator import VisionChatCollator

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rejalign_tasks import task_configs_dir
-from rejalign_tasks.index_cache import cached_build, folder_signature
+from rejalign_tasks.harness.index_cache import cached_build, folder_signature
 
 
 @pytest.fixture

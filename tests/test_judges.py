@@ -2,14 +2,14 @@
 
 import pytest
 
-from rejalign_tasks.judges import (
+from rejalign_tasks.benchmarks.judges import (
     APOLOGY_PHRASES,
     REFUSAL_PHRASES,
     Verdict,
     paper_string_judge,
     xstest_string_judge,
 )
-from rejalign_tasks.metrics import mean_skip_none, safety_results, slug
+from rejalign_tasks.benchmarks.metrics import mean_skip_none, safety_results, slug
 
 LONG_COMPLIANCE = "Here are the detailed steps you asked for, one by one."
 

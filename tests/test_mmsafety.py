@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rejalign_tasks import mmsafety, typography
-from rejalign_tasks.data import MMSAFETY_SCENARIOS, DataFormatError
-from rejalign_tasks.metrics import mean_skip_none
-from rejalign_tasks.mmsafety import (
+from rejalign_tasks.benchmarks import mmsafetybench as mmsafety
+from rejalign_tasks.benchmarks import typography
+from rejalign_tasks.benchmarks.data import MMSAFETY_SCENARIOS, DataFormatError
+from rejalign_tasks.benchmarks.metrics import mean_skip_none
+from rejalign_tasks.benchmarks.mmsafetybench import (
     HARMFUL_SLUGS,
     SCENARIO_SLUGS,
     SPECIAL_SLUGS,
@@ -35,7 +36,7 @@ from rejalign_tasks.mmsafety import (
     read_questions,
     read_tiny_ids,
 )
-from rejalign_tasks.typography import (
+from rejalign_tasks.benchmarks.typography import (
     FALLBACK_FONT_NAME,
     jpeg_roundtrip,
     mmsafety_typo_image,
@@ -502,7 +503,7 @@ def test_template_lists_every_metric_process_results_returns():
     assert sorted(listed) == sorted(returned)
     overall = {"compliance_rate", "refusal_rate", "partial_refusal_rate"}  # every sample scores
     for metric in config["metric_list"]:
-        skips_none = metric["aggregation"] == "rejalign_tasks.metrics.mean_skip_none"
+        skips_none = metric["aggregation"] == "rejalign_tasks.benchmarks.metrics.mean_skip_none"
         assert skips_none == (metric["metric"] not in overall), metric
 
 

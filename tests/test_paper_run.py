@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rejalign_tasks.routing import has_images, install, route, uninstall
-from rejalign_tasks.run import build_argv
+from rejalign_tasks.harness.cli import build_argv
+from rejalign_tasks.harness.routing import has_images, install, route, uninstall
 
 FIXTURES = Path(__file__).parent / "fixtures" / "utility"
 UTILITY_METADATA = {
@@ -230,8 +230,8 @@ def test_routed_mixed_run_answers_like_separate_runs(
 @pytest.fixture(scope="module")
 def sd_images(tmp_path_factory, data_dir) -> Path:
     """Stand-ins for MM-SafetyBench's SD images (not redistributable) in the upstream layout."""
-    from rejalign_tasks.data import MMSAFETY_SCENARIOS
-    from rejalign_tasks.mmsafety import read_questions
+    from rejalign_tasks.benchmarks.data import MMSAFETY_SCENARIOS
+    from rejalign_tasks.benchmarks.mmsafetybench import read_questions
 
     root = tmp_path_factory.mktemp("mmsafety") / "imgs"
     image = Image.new("RGB", (24, 24), (90, 140, 60))
@@ -245,7 +245,7 @@ def sd_images(tmp_path_factory, data_dir) -> Path:
 
 def _rejalign_eval(args: list[str], **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env_vars}
-    cmd = [sys.executable, "-m", "rejalign_tasks.run", *args]
+    cmd = [sys.executable, "-m", "rejalign_tasks.harness.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rejalign_tasks import typography
-from rejalign_tasks.data import read_csv_records
-from rejalign_tasks.typography import (
+from rejalign_tasks.benchmarks import typography
+from rejalign_tasks.benchmarks.data import read_csv_records
+from rejalign_tasks.benchmarks.typography import (
     FALLBACK_FONT_NAME,
     figstep_image,
     figstep_text,

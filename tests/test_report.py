@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rejalign_tasks.eval_logs import (
+from rejalign_tasks.report.logs import (
     ReportInputError,
     load_models,
     manifest_refusal_fraction,
     paired_labels,
     refusal_fraction_source,
 )
-from rejalign_tasks.report import build_tables, compare_runs, main, make_report
-from rejalign_tasks.report_spec import SpecError, default_spec, load_spec
-from rejalign_tasks.stats import mcnemar_exact, paired_comparison, pareto_front
+from rejalign_tasks.report.report import build_tables, compare_runs, main, make_report
+from rejalign_tasks.report.spec import SpecError, default_spec, load_spec
+from rejalign_tasks.report.stats import mcnemar_exact, paired_comparison, pareto_front
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 FIGSTEP = "rejalign_figstep_tiny"

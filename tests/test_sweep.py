@@ -637,7 +637,8 @@ def test_tool_commands(sources, tmp_path):
         *["--refusal_sentence", "No."],  # the mix's own sentence, for "train without EOS"
     ]
     assert run.eval_command(adapter, tmp_path / "res") == [
-        *[sys.executable, "-m", "rejalign_tasks.run", "--model", "vllm-vlm", "--model_args"],
+        *[sys.executable, "-m", "rejalign_tasks.harness.cli", "--model", "vllm-vlm"],
+        "--model_args",
         f"pretrained=org/vlm,lora_local_path={adapter},max_model_len=4096",
         *["--tasks", sweep.DEFAULT_TASKS, "--output_path", str(tmp_path / "res")],
         *["--limit", "5", "--seed", "1"],

@@ -24,7 +24,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from rejalign_tasks.data import data_file, read_csv_records
+from rejalign_tasks.benchmarks.data import data_file, read_csv_records
 from rejalign_train.chat import ChatRenderer
 from rejalign_train.cli import main as cli_main
 from rejalign_train.collator import VisionChatCollator

@@ -9,8 +9,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from rejalign_tasks.data import DataFormatError
-from rejalign_tasks.utility import (
+from rejalign_tasks.benchmarks.data import DataFormatError
+from rejalign_tasks.benchmarks.utility import (
     normalize_vqa_answer,
     parse_scienceqa,
     scienceqa_correct,

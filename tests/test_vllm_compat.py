@@ -1,4 +1,4 @@
-"""rejalign_tasks.vllm_compat's fixes to lm-eval's vLLM layer, checked without vLLM.
+"""rejalign_tasks.harness.vllm_compat's fixes to lm-eval's vLLM layer, checked without vLLM.
 
 The end-to-end checks through ``lm_eval --model vllm-vlm`` live in test_vllm_e2e.py.
 """
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from rejalign_tasks import vllm_compat
-from rejalign_tasks.vllm_adapter import (
+from rejalign_tasks.harness import vllm_compat
+from rejalign_tasks.harness.vllm_adapter import (
     AdapterConfigError,
     adapter_rank,
     prepared_root,
     vllm_loadable,
     vllm_max_lora_rank,
 )
-from rejalign_tasks.vllm_compat import LazyRay, exec_vllm_vlms
+from rejalign_tasks.harness.vllm_compat import LazyRay, exec_vllm_vlms
 
 
 def _adapter(tmp_path, config) -> str:

@@ -168,7 +168,7 @@ def test_vllm_vlms_module_loads_without_ray(vllm_python):
     code = (
         "import sys; sys.modules['ray'] = None\n"  # as if ray were not installed
         "import lm_eval.models.vllm_vlms as m\n"
-        "from rejalign_tasks.vllm_compat import LazyRay\n"
+        "from rejalign_tasks.harness.vllm_compat import LazyRay\n"
         "assert isinstance(m.ray, LazyRay), m.ray\n"
         "try:\n    m.ray.remote\nexcept ModuleNotFoundError as e:\n    print(e)\n"
     )
@@ -182,7 +182,7 @@ def test_vllm_vlms_module_loads_without_ray(vllm_python):
 
 def _paper_run(python: str, args: list[str], out: Path, env: dict) -> dict[str, list[str]]:
     proc = subprocess.run(
-        [python, "-m", "rejalign_tasks.run", *args, "--output_path", str(out)],
+        [python, "-m", "rejalign_tasks.harness.cli", *args, "--output_path", str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},

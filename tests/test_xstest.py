@@ -9,16 +9,16 @@ from collections import Counter
 import pytest
 from PIL import Image, ImageChops, ImageDraw
 
-from rejalign_tasks.data import DataFormatError
-from rejalign_tasks.judges import paper_string_judge, xstest_string_judge
-from rejalign_tasks.typography import (
+from rejalign_tasks.benchmarks.data import DataFormatError
+from rejalign_tasks.benchmarks.judges import paper_string_judge, xstest_string_judge
+from rejalign_tasks.benchmarks.typography import (
     FIGSTEP_FONT_SIZE,
     FIGSTEP_SPACING,
     FIGSTEP_XY,
     _load_font,
     resolve_figstep_font,
 )
-from rejalign_tasks.xstest import (
+from rejalign_tasks.benchmarks.xstest import (
     SAFE_TYPES,
     TYPES,
     TYPO_INSTRUCTION,

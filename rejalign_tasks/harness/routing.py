@@ -99,7 +99,7 @@ def routed(backend: type) -> type:
         {
             "__module__": __name__,
             "__doc__": f"{backend.__qualname__} answering text-only and image requests in one "
-            "run (see rejalign_tasks.routing).",
+            "run (see rejalign_tasks.harness.routing).",
         },
     )
 

@@ -41,7 +41,7 @@ def folder_signature(root: Path) -> str:
 
 
 def _cache_file(root: Path, version: str) -> Path:
-    from rejalign_tasks.data import cache_root
+    from rejalign_tasks.contracts import cache_root
 
     key = hashlib.sha256(f"{_FORMAT}\0{version}\0{root}".encode()).hexdigest()[:24]
     return cache_root() / "lm_eval_index" / f"{key}.pkl"

@@ -36,10 +36,10 @@ from typing import Any, Protocol
 import datasets
 from PIL import Image
 
-from rejalign_tasks.data import MMSAFETY_SCENARIOS, DataFormatError, data_file, read_json
-from rejalign_tasks.judges import paper_string_judge
-from rejalign_tasks.metrics import per_category, verdict_scores
-from rejalign_tasks.typography import (
+from rejalign_tasks.benchmarks.data import MMSAFETY_SCENARIOS, DataFormatError, data_file, read_json
+from rejalign_tasks.benchmarks.judges import paper_string_judge
+from rejalign_tasks.benchmarks.metrics import per_category, verdict_scores
+from rejalign_tasks.benchmarks.typography import (
     FALLBACK_FONT_NAME,
     FontChoice,
     jpeg_roundtrip,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import datasets
 
-from rejalign_tasks.data import DataFormatError
+from rejalign_tasks.benchmarks.data import DataFormatError
 
 SCIENCEQA_HUB = ("lmms-lab/ScienceQA", "ScienceQA-IMG", "test")
 VIZWIZ_HUB = ("lmms-lab/VizWiz-VQA", None, "val")

@@ -26,8 +26,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rejalign_tasks.figstep import TOPICS
-from rejalign_tasks.metrics import slug
+from rejalign_tasks.benchmarks.figstep import TOPICS
+from rejalign_tasks.benchmarks.metrics import slug
 
 ROLES = ("safety", "over_refusal", "utility", "")
 
@@ -95,7 +95,7 @@ def _xstest(key: str, title: str, tasks: tuple[str, ...]) -> Section:
 
 
 def _xstest_types() -> Section:
-    from rejalign_tasks.xstest import SAFE_TYPES, UNSAFE_TYPES
+    from rejalign_tasks.benchmarks.xstest import SAFE_TYPES, UNSAFE_TYPES
 
     return Section(
         "xstest_types",
@@ -120,7 +120,7 @@ def _mmsafety_tasks(mode: str) -> tuple[str, ...]:
 
 def _mmsafety_scenarios(mode: str) -> Section:
     """Per scenario: ASR where compliance is upstream's unsafe criterion, else compliance."""
-    from rejalign_tasks.mmsafety import HARMFUL_SLUGS, SPECIAL_SLUGS
+    from rejalign_tasks.benchmarks.mmsafetybench import HARMFUL_SLUGS, SPECIAL_SLUGS
 
     tasks = _mmsafety_tasks(mode)
     return Section(

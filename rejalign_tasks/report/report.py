@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rejalign_tasks.atomic import write_text_atomic
-from rejalign_tasks.eval_logs import (
+from rejalign_tasks.contracts import write_text_atomic
+from rejalign_tasks.report.logs import (
     PROVENANCE_DOC_FIELDS,
     ModelRuns,
     PairedLabels,
@@ -40,8 +40,8 @@ from rejalign_tasks.eval_logs import (
     paired_labels,
     parse_input,
 )
-from rejalign_tasks.report_spec import Column, Section, SpecError, default_spec, load_spec
-from rejalign_tasks.stats import (
+from rejalign_tasks.report.spec import Column, Section, SpecError, default_spec, load_spec
+from rejalign_tasks.report.stats import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     PairedComparison,
@@ -472,7 +472,7 @@ def _blank(v) -> str:
 
 def make_plots(tables: Sequence[Table], out_dir: Path) -> tuple[list[Path], list[str]]:
     """Draw the figures the data allow; return the files and a note for each figure not drawn."""
-    from rejalign_tasks.plots import Panel, Point, asr_vs_refusal_fraction, safety_tradeoffs
+    from rejalign_tasks.report.plots import Panel, Point, asr_vs_refusal_fraction, safety_tradeoffs
 
     role_cols: dict[str, list[tuple[Table, int]]] = {
         "safety": [],

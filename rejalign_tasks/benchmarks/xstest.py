@@ -18,10 +18,10 @@ import textwrap
 import datasets
 from PIL import Image
 
-from rejalign_tasks.data import DataFormatError, data_file, read_csv_records
-from rejalign_tasks.judges import Verdict, paper_string_judge, xstest_string_judge
-from rejalign_tasks.metrics import per_category
-from rejalign_tasks.typography import (
+from rejalign_tasks.benchmarks.data import DataFormatError, data_file, read_csv_records
+from rejalign_tasks.benchmarks.judges import Verdict, paper_string_judge, xstest_string_judge
+from rejalign_tasks.benchmarks.metrics import per_category
+from rejalign_tasks.benchmarks.typography import (
     FALLBACK_FONT_NAME,
     FIGSTEP_WRAP,
     FontChoice,

@@ -203,7 +203,7 @@ def _build(base: Path, adapter: Path, config: dict, modules: list[str], out: Pat
 
 
 def prepared_root() -> Path:
-    from rejalign_tasks.data import cache_root
+    from rejalign_tasks.contracts import cache_root
 
     return cache_root() / "vllm-adapters"
 

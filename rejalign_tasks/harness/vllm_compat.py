@@ -20,11 +20,11 @@ Five habits of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetune
   ``adapter_config.json`` (largest of ``r`` and ``rank_pattern``) and rounded up to the next rank
   vLLM accepts.
 * An adapter that trains full modules (the projector, as ``rejalign-train fit`` does) is refused
-  by vLLM's LoRA; :func:`rejalign_tasks.vllm_adapter.vllm_loadable` folds those modules into a
+  by vLLM's LoRA; :func:`.vllm_adapter.vllm_loadable` folds those modules into a
   cached copy of the base checkpoint, so vLLM computes what ``hf-multimodal`` ``peft=`` computes.
   The results still record the model arguments as given.
 
-Every patch is installed by :mod:`rejalign_tasks._autoload` when lm-eval imports the module, so
+Every patch is installed by :mod:`.autoload` when lm-eval imports the module, so
 ``lm_eval --model vllm-vlm`` benefits without extra flags. Set ``REJALIGN_NO_AUTOLOAD=1`` to get
 lm-eval's own behaviour.
 """
@@ -41,7 +41,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from rejalign_tasks.vllm_adapter import adapter_rank, vllm_loadable, vllm_max_lora_rank
+from rejalign_tasks.harness.vllm_adapter import adapter_rank, vllm_loadable, vllm_max_lora_rank
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class LazyRay(types.ModuleType):
     """Stands in for ``ray`` in lm-eval's vllm_vlms module until ray is really needed."""
 
     def __init__(self) -> None:
-        super().__init__("ray", "ray, imported on first use (see rejalign_tasks.vllm_compat)")
+        super().__init__("ray", "ray, imported on first use (rejalign_tasks.harness.vllm_compat)")
 
     def __getattr__(self, name: str) -> Any:
         try:

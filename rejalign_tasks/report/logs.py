@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rejalign_tasks.data import DataFormatError, read_json
-from rejalign_tasks.metrics import mean_skip_none
-
-MANIFEST_NAME = "rejalign_manifest.json"
+from rejalign_tasks.benchmarks.data import DataFormatError, read_json
+from rejalign_tasks.benchmarks.metrics import mean_skip_none
+from rejalign_tasks.contracts import MANIFEST_NAME
 
 # model_args that change how a model runs, not what it answers: they do not split a model's runs
 # into separate rows. Anything else that differs (dtype, chat template, adapter...) does.

@@ -70,7 +70,7 @@ class FontChoice:
 
 
 def _sha256(path: str | Path) -> str:
-    from rejalign_tasks.data import sha256_file
+    from rejalign_tasks.contracts import sha256_file
 
     return sha256_file(path)
 

@@ -2,7 +2,7 @@
 
 It is lm-eval's own command line (every ``lm_eval run`` option works and means the same), with:
 
-* text-only and image tasks answered together by the same VLM (see :mod:`rejalign_tasks.routing`);
+* text-only and image tasks answered together by the same VLM (see :mod:`.routing`);
   the backend stays a pass-through, so ``--model hf-multimodal`` and ``--model vllm-vlm`` (with
   their own ``peft=`` / ``lora_local_path=`` model args) both work;
 * defaults suited to VLM evaluation: ``--tasks rejalign_paper``, ``--model hf-multimodal``,
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``rejalign-eval``)."""
     from lm_eval.__main__ import cli_evaluate
 
-    from rejalign_tasks.routing import install
+    from rejalign_tasks.harness.routing import install
 
     lm_args = build_argv(sys.argv[1:] if argv is None else argv)
     if lm_args[:1] == ["run"] and any(a in ("-h", "--help") for a in lm_args):

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from statistics import fmean
 
-from rejalign_tasks.judges import Verdict, paper_string_judge
+from rejalign_tasks.benchmarks.judges import Verdict, paper_string_judge
 
 
 def slug(name: str) -> str:

@@ -1,7 +1,7 @@
 """FigStep on SafeBench: data, prompts, images and scoring for the ``rejalign_figstep*`` tasks.
 
 Protocol (ThuCCSLab/FigStep @ 0861b17): each SafeBench ``instruction`` is rendered as a
-typographic image (see :mod:`rejalign_tasks.typography`) and sent with a fixed text prompt; the
+typographic image (see :mod:`.typography`) and sent with a fixed text prompt; the
 text-only baseline sends the ``question`` column with no image. Judged by the paper's string judge.
 """
 
@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import datasets
 
-from rejalign_tasks.data import data_file, read_csv_records
-from rejalign_tasks.metrics import safety_results, slug
-from rejalign_tasks.typography import FALLBACK_FONT_NAME, figstep_image, resolve_figstep_font
+from rejalign_tasks.benchmarks.data import data_file, read_csv_records
+from rejalign_tasks.benchmarks.metrics import safety_results, slug
+from rejalign_tasks.benchmarks.typography import (
+    FALLBACK_FONT_NAME,
+    figstep_image,
+    resolve_figstep_font,
+)
 
 SAFEBENCH_COLUMNS = (
     "dataset",

@@ -6,7 +6,7 @@ start-up; it registers a meta-path finder that waits, at no cost, until ``lm_eva
 is imported, then wraps ``TaskManager.__init__`` so that the task folders registered in the
 ``lm_eval.tasks`` entry-point group (the group lm-eval is adding upstream; rejalign registers its
 own) are appended to ``include_path``. When lm-eval gains native entry-point discovery the hook
-steps aside. The same finder applies :mod:`rejalign_tasks.vllm_compat`'s fixes to lm-eval's vLLM
+steps aside. The same finder applies :mod:`.vllm_compat`'s fixes to lm-eval's vLLM
 backends as they load. Set ``REJALIGN_NO_AUTOLOAD=1`` to disable it all.
 """
 
@@ -18,15 +18,15 @@ import os
 import sys
 
 _GROUP = "lm_eval.tasks"
-_VLLM_COMPAT = "rejalign_tasks.vllm_compat"
+_VLLM_COMPAT = "rejalign_tasks.harness.vllm_compat"
 
 # module -> (function executing it with its original loader, function patching it when it was
 # already imported before the hook was installed). Names, so nothing is imported until needed.
 _HOOKS: dict[str, tuple[str, str | None]] = {
     "lm_eval.tasks.manager": (f"{__name__}:exec_task_manager", f"{__name__}:patch_task_manager"),
     "lm_eval.tasks._index": (
-        "rejalign_tasks.index_cache:exec_index",
-        "rejalign_tasks.index_cache:patch_index",
+        "rejalign_tasks.harness.index_cache:exec_index",
+        "rejalign_tasks.harness.index_cache:patch_index",
     ),
     "lm_eval.models.vllm_vlms": (f"{_VLLM_COMPAT}:exec_vllm_vlms", None),
     "lm_eval.models.vllm_causallms": (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from rejalign_tasks.atomic import atomic_path
-from rejalign_tasks.stats import pareto_front
+from rejalign_tasks.contracts import atomic_path
+from rejalign_tasks.report.stats import pareto_front
 
 FORMATS = ("png", "svg")
 

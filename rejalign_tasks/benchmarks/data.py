@@ -24,7 +24,6 @@ Neither reachable: one ``DataUnavailableError`` that lists what was tried.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from rejalign_tasks.contracts import cache_root, sha256_file
 
 DATA_DIR_ENV = "REJALIGN_DATA_DIR"
 
@@ -130,26 +131,6 @@ class DataUnavailableError(FileNotFoundError):
 
 class DataFormatError(ValueError):
     """A benchmark file is malformed; the message names the file, record and field."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cache_root() -> Path:
-    """rejalign's folder inside the Hugging Face datasets cache."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        base = Path(os.environ["HF_DATASETS_CACHE"])
-    else:
-        hf_home = os.environ.get("HF_HOME") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-        )
-        base = Path(hf_home) / "datasets"
-    return base / "rejalign"
 
 
 def data_file(relpath: str) -> Path:
