@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rejalign_tasks.report.logs import (
-    ReportInputError,
-    load_models,
-    manifest_refusal_fraction,
-    paired_labels,
-    refusal_fraction_source,
-)
-from rejalign_tasks.report.report import build_tables, compare_runs, main, make_report
+from rejalign_tasks.report.cli import main
+from rejalign_tasks.report.compare import compare_runs
+from rejalign_tasks.report.errors import ReportInputError
+from rejalign_tasks.report.logs import load_models
+from rejalign_tasks.report.manifests import manifest_refusal_fraction, refusal_fraction_source
+from rejalign_tasks.report.report import make_report
+from rejalign_tasks.report.samples import paired_labels
 from rejalign_tasks.report.spec import SpecError, default_spec, load_spec
 from rejalign_tasks.report.stats import mcnemar_exact, paired_comparison, pareto_front
+from rejalign_tasks.report.tables import build_tables
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 FIGSTEP = "rejalign_figstep_tiny"

@@ -16,7 +16,6 @@ that names the file, the task and what is missing.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,13 @@ from typing import Any
 from rejalign_tasks.benchmarks.data import DataFormatError, read_json
 from rejalign_tasks.benchmarks.metrics import mean_skip_none
 from rejalign_tasks.contracts import MANIFEST_NAME
+from rejalign_tasks.report.errors import ReportInputError
+from rejalign_tasks.report.manifests import (
+    find_manifest,
+    manifest_refusal_fraction,
+    refusal_fraction_source,
+)
+from rejalign_tasks.report.samples import read_samples
 
 # model_args that change how a model runs, not what it answers: they do not split a model's runs
 # into separate rows. Anything else that differs (dtype, chat template, adapter...) does.
@@ -55,10 +61,6 @@ _TS = re.compile(r"_(\d{4}-\d{2}-\d{2}T[0-9.\-]+)\.json$")
 _RESULTS_KEYS = ("results", "configs", "config")
 
 
-class ReportInputError(ValueError):
-    """An input folder or file is missing, partial or inconsistent; the message says what."""
-
-
 @dataclass
 class TaskRun:
     """One task of one lm-eval run: its aggregated metrics and its per-sample log."""
@@ -85,7 +87,7 @@ class TaskRun:
     def samples(self, filter_name: str = "none") -> list[dict]:
         """The per-sample log lines of one filter, checked for count and unique doc ids."""
         if self._samples is None:
-            self._samples = _read_samples(self.samples_file)
+            self._samples = read_samples(self.samples_file)
         lines = [s for s in self._samples if s.get("filter", "none") == filter_name]
         if not lines:
             filters = sorted({str(s.get("filter")) for s in self._samples})
@@ -308,33 +310,6 @@ def load_results_file(path: Path) -> tuple[str, dict[str, Any], list[TaskRun]]:
     return backend, model_args, runs
 
 
-def _read_samples(path: Path) -> list[dict]:
-    lines = []
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise ReportInputError(f"{path}: cannot open ({exc})") from exc
-    with fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                sample = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ReportInputError(
-                    f"{path}: line {lineno} is not JSON ({exc.msg}); truncated log?"
-                ) from exc
-            if not isinstance(sample, dict):
-                raise ReportInputError(f"{path}: line {lineno} is not a JSON object")
-            for key in ("doc_id", "doc_hash"):
-                if key not in sample:
-                    raise ReportInputError(f"{path}: line {lineno} has no {key!r} field")
-            lines.append(sample)
-    if not lines:
-        raise ReportInputError(f"{path}: empty per-sample log")
-    return lines
-
-
 def parse_input(spec: str) -> tuple[str | None, Path]:
     """``LABEL=PATH`` or ``PATH``."""
     if "=" in spec and not Path(spec).exists():
@@ -415,40 +390,11 @@ def _attach_manifest(entry: ModelRuns, roots: Sequence[Path]) -> None:
     adapter = entry.adapter
     if adapter is None:
         return
-    candidates = resolve_adapter_candidates(adapter, roots)
-    for folder in candidates:
-        manifest = folder / MANIFEST_NAME
-        if manifest.is_file():
-            try:
-                data = read_json(manifest)
-            except DataFormatError as exc:
-                raise ReportInputError(str(exc)) from exc
-            if not isinstance(data, dict):
-                raise ReportInputError(f"{manifest}: not a JSON object")
-            if data.get("complete") is False:
-                files = sorted({str(t.results_file) for t in entry.tasks.values()})
-                raise ReportInputError(
-                    f"{manifest}: the adapter's training did not complete (complete: false); "
-                    f"{', '.join(files)} evaluated an unfinished adapter"
-                )
-            entry.manifest, entry.manifest_path = data, manifest
-            return
-    entry.manifest_note = f"no {MANIFEST_NAME} found for adapter {adapter!r}"
-
-
-def resolve_adapter_candidates(adapter: str, roots: Sequence[Path]) -> list[Path]:
-    """Where an adapter path from model_args may be: as given, else under each root's ancestors.
-
-    lm-eval logs the path exactly as typed, relative to wherever lm_eval ran.
-    """
-    path = Path(adapter).expanduser()
-    if path.is_absolute():
-        return [path]
-    out = [Path.cwd() / path]
-    for root in roots:
-        root = Path(root).resolve()
-        out.extend(base / path for base in (root, *root.parents))
-    return list(dict.fromkeys(out))
+    found = find_manifest(adapter, roots, (t.results_file for t in entry.tasks.values()))
+    if found is None:
+        entry.manifest_note = f"no {MANIFEST_NAME} found for adapter {adapter!r}"
+        return
+    entry.manifest, entry.manifest_path = found
 
 
 def _assign_labels(entries: list[ModelRuns]) -> None:
@@ -482,195 +428,3 @@ def _row_order(entry: ModelRuns) -> tuple:
         fraction if fraction is not None else 0.0,
         entry.label,
     )
-
-
-# Where the refusal fraction may sit in a manifest, tried in order: the mix manifest that
-# ``rejalign-train fit`` embeds in the adapter's manifest (what the data was mixed at), a bare
-# fraction (a ``rejalign-train mix`` manifest, or one written by hand), then record counts.
-FRACTION_KEYS: tuple[tuple[str, ...], ...] = (
-    ("data", "mix_manifest", "refusal_fraction"),
-    ("data", "refusal_fraction"),
-    ("refusal_fraction",),
-)
-# (refusal count, other count, whether the other count is the total): the mix manifest's counts,
-# else the records ``fit`` actually trained on (after skipping over-long ones).
-COUNT_KEYS: tuple[tuple[tuple[str, ...], tuple[str, ...], bool], ...] = (
-    (
-        ("data", "mix_manifest", "counts", "refusal"),
-        ("data", "mix_manifest", "counts", "normal"),
-        False,
-    ),
-    (("counts", "refusal"), ("counts", "normal"), False),
-    (("data", "refusal_samples"), ("data", "used"), True),
-)
-
-
-def _dig(data: Any, keys: tuple[str, ...]) -> Any:
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
-def refusal_fraction_source(
-    manifest: dict[str, Any], path: Path | None = None
-) -> tuple[float, str] | None:
-    """The refusal fraction an adapter was trained with and the manifest key it came from.
-
-    None when the manifest holds none of :data:`FRACTION_KEYS` / :data:`COUNT_KEYS`. A value
-    that is not a fraction in [0, 1], or counts that are not counts, are errors.
-    """
-    where = path or MANIFEST_NAME
-    for keys in FRACTION_KEYS:
-        value = _dig(manifest, keys)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ReportInputError(
-                f"{where}: {'.'.join(keys)} = {value!r} is not a fraction in [0, 1]"
-            )
-        return float(value), ".".join(keys)
-    for refusal_keys, other_keys, other_is_total in COUNT_KEYS:
-        refusal, other = _dig(manifest, refusal_keys), _dig(manifest, other_keys)
-        if refusal is None or other is None:
-            continue
-        total = (
-            other
-            if other_is_total
-            else (refusal + other if _is_count(refusal) and _is_count(other) else None)
-        )
-        if not (_is_count(refusal) and _is_count(other)) or not total or refusal > total:
-            raise ReportInputError(
-                f"{where}: {'.'.join(refusal_keys)} = {refusal!r}, {'.'.join(other_keys)} = "
-                f"{other!r}: not usable record counts"
-            )
-        return refusal / total, f"{'.'.join(refusal_keys)} / " + (
-            ".".join(other_keys)
-            if other_is_total
-            else f"({'.'.join(refusal_keys)} + {'.'.join(other_keys)})"
-        )
-    return None
-
-
-def manifest_refusal_fraction(manifest: dict[str, Any], path: Path | None = None) -> float | None:
-    found = refusal_fraction_source(manifest, path)
-    return None if found is None else found[0]
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# Doc fields that record where something came from, not what was asked, and differ between
-# machines: the FigStep/TYPO font's file path (its sha256, also in the doc, pins the glyphs) and
-# MM-SafetyBench's SD image source (a local folder or the Hub; the images themselves are compared
-# by their logged hashes).
-PROVENANCE_DOC_FIELDS = frozenset({"font_file", "image_source"})
-
-
-@dataclass
-class PairedLabels:
-    doc_ids: list[int]
-    a: list[float]
-    b: list[float]
-    prompt_text_differs: int  # pairs whose rendered text prompt differs (e.g. chat templates)
-    images_differ: int  # pairs whose logged image hashes differ (e.g. other renderer versions)
-
-
-def paired_labels(
-    run_a: TaskRun,
-    run_b: TaskRun,
-    metric: str,
-    filter_name: str = "none",
-    ignore_doc_fields: Iterable[str] = PROVENANCE_DOC_FIELDS,
-) -> PairedLabels:
-    """Per-prompt labels of two runs, paired by document; unequal prompt sets are an error.
-
-    Documents pair by doc_id and must be the same document (equal ``doc_hash``, or equal docs
-    once ``ignore_doc_fields`` are dropped). The rendered text prompt (chat templates differ
-    between models) and the images (lm-eval logs the sha256 of their PNG encoding, which changes
-    with font-rasteriser and PNG-encoder versions) may differ; those pairs are counted. Samples
-    where the metric does not apply in both runs (``None``) are left out.
-    """
-    ignore = frozenset(ignore_doc_fields)
-    sa = {s["doc_id"]: s for s in run_a.samples(filter_name)}
-    sb = {s["doc_id"]: s for s in run_b.samples(filter_name)}
-    if sa.keys() != sb.keys():
-        only_a = sorted(sa.keys() - sb.keys())
-        only_b = sorted(sb.keys() - sa.keys())
-        raise ReportInputError(
-            f"unequal prompt sets: {run_a.samples_file} has {len(sa)} prompts, "
-            f"{run_b.samples_file} has {len(sb)}; {len(only_a)} only in the first"
-            f"{_ids(only_a)}, {len(only_b)} only in the second{_ids(only_b)}. A paired "
-            "comparison needs both runs on the same prompts (same task, same --limit)"
-        )
-    va = run_a.per_sample(metric, filter_name)
-    vb = run_b.per_sample(metric, filter_name)
-    out = PairedLabels([], [], [], 0, 0)
-    for doc_id in sorted(sa):
-        x, y = sa[doc_id], sb[doc_id]
-        if x["doc_hash"] != y["doc_hash"]:
-            dx, dy = x.get("doc") or {}, y.get("doc") or {}
-            differ = sorted(
-                k for k in set(dx) | set(dy) if k not in ignore and dx.get(k) != dy.get(k)
-            )
-            if differ or not dx:
-                raise ReportInputError(
-                    f"unequal prompt sets: doc_id {doc_id} is a different document in "
-                    f"{run_a.samples_file} and {run_b.samples_file} (fields differing: "
-                    f"{', '.join(differ) or 'doc not logged'})"
-                )
-        if _visuals(x) != _visuals(y):
-            out.images_differ += 1
-        if _prompt_text(x) != _prompt_text(y):
-            out.prompt_text_differs += 1
-        if (va[doc_id] is None) != (vb[doc_id] is None):
-            raise ReportInputError(
-                f"doc_id {doc_id}: metric {metric!r} applies in one run but not the other "
-                f"({run_a.samples_file.name}: {va[doc_id]!r}, {run_b.samples_file.name}: "
-                f"{vb[doc_id]!r})"
-            )
-        if va[doc_id] is None:
-            continue
-        out.doc_ids.append(doc_id)
-        out.a.append(va[doc_id])
-        out.b.append(vb[doc_id])
-    if not out.doc_ids:
-        raise ReportInputError(
-            f"metric {metric!r} applies to none of the {len(sa)} paired prompts of "
-            f"{run_a.task!r}; nothing to compare"
-        )
-    return out
-
-
-def _ids(ids: list[int], k: int = 5) -> str:
-    if not ids:
-        return ""
-    return " (doc_id " + ", ".join(map(str, ids[:k])) + (", ..." if len(ids) > k else "") + ")"
-
-
-def _args(sample: dict) -> list:
-    args = sample.get("arguments") or {}
-    if isinstance(args, dict):
-        return [args[k] for k in sorted(args)]
-    return list(args)
-
-
-def _visuals(sample: dict) -> list:
-    out = []
-    for arg in _args(sample):
-        values = list(arg.values()) if isinstance(arg, dict) else list(arg)
-        for v in values:
-            if isinstance(v, dict) and "visual" in v:
-                out.append(v["visual"])
-    return out
-
-
-def _prompt_text(sample: dict) -> list:
-    out = []
-    for arg in _args(sample):
-        values = list(arg.values()) if isinstance(arg, dict) else list(arg)
-        if values and isinstance(values[0], str):
-            out.append(values[0])
-    return out
