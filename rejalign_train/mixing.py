@@ -49,16 +49,9 @@ from itertools import compress
 from pathlib import Path
 from typing import Any, Literal
 
-from rejalign_tasks.contracts import REFUSAL_SENTENCE, write_text_atomic
-from rejalign_train.records import (
-    IMAGE_PLACEHOLDER,
-    RecordError,
-    RecordFile,
-    check_placeholders,
-    layout_for,
-    normalise,
-    write_records,
-)
+from rejalign_tasks.contracts import IMAGE_PLACEHOLDER, REFUSAL_SENTENCE, write_text_atomic
+from rejalign_train.record_writer import layout_for, write_records
+from rejalign_train.records import RecordError, RecordFile, check_placeholders, normalise
 
 # Upstream's turn-choice rule skips human turns containing this (case-insensitive): follow-up
 # questions ("What about the left one?") make no sense once the earlier turns are cut away.

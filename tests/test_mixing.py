@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from rejalign_train.mixing import REFUSAL_SENTENCE, MixArguments, main, manifest_path, mix
-from rejalign_train.records import iter_records, to_llava
+from rejalign_train.record_writer import to_llava
+from rejalign_train.records import iter_records
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFUSAL = FIXTURES / "mix" / "refusal.json"

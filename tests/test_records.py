@@ -1,4 +1,4 @@
-"""Reading, checking and writing conversation records (rejalign_train.records)."""
+"""Reading, checking and writing conversation records (rejalign_train.records, .record_writer)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rejalign_train.records import (
-    RecordError,
-    RecordFile,
-    dump_json_array,
-    iter_records,
-    normalise,
-    to_llava,
-    to_messages,
-    write_records,
-)
+from rejalign_train.record_writer import dump_json_array, to_llava, to_messages, write_records
+from rejalign_train.records import RecordError, RecordFile, iter_records, normalise
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mix"
 
