@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rejalign_tasks.harness import vllm_compat
+from rejalign_tasks.harness import fixes, vllm_compat
 from rejalign_tasks.harness.vllm_adapter import (
     AdapterConfigError,
     adapter_rank,
@@ -22,7 +22,7 @@ from rejalign_tasks.harness.vllm_adapter import (
     vllm_loadable,
     vllm_max_lora_rank,
 )
-from rejalign_tasks.harness.vllm_compat import LazyRay, exec_vllm_vlms
+from rejalign_tasks.harness.vllm_compat import LazyRay
 
 
 def _adapter(tmp_path, config) -> str:
@@ -70,33 +70,60 @@ def _module_from(path, name):
     return loader, importlib.util.module_from_spec(spec)
 
 
-def test_vllm_vlms_loads_without_ray(tmp_path, monkeypatch):
+@pytest.fixture
+def as_vllm_vlms(monkeypatch):
+    """Run a stand-in source file as if it were lm-eval's vllm_vlms module (fresh fix status)."""
+    monkeypatch.setattr(fixes, "_STATUS", {})
+    monkeypatch.setattr(fixes, "_WARNED", set())
+
+    def run(path: Path):
+        name = "lm_eval.models.vllm_vlms"
+        loader, module = _module_from(path, name)
+        fixes.exec_with_fixes(loader, module)
+        return module
+
+    return run
+
+
+def test_vllm_vlms_loads_without_ray(tmp_path, monkeypatch, as_vllm_vlms):
     """The module-level ``import ray`` is dropped when ray is missing; ray is needed only later."""
     source = tmp_path / "fake_vllm_vlms.py"
     source.write_text("import os\nimport ray\n\ndef dp():\n    return ray.remote\n")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
-    loader, module = _module_from(source, "fake_vllm_vlms")
-    exec_vllm_vlms(loader, module)
+    module = as_vllm_vlms(source)
     assert isinstance(module.ray, LazyRay) and module.os is sys.modules["os"]
+    assert fixes.status()["vllm-lazy-ray"][0] == "on"
     with pytest.raises(ModuleNotFoundError, match="pip install ray"):
         module.dp()
 
 
-def test_vllm_vlms_untouched_when_ray_is_installed_or_import_gone(tmp_path, monkeypatch):
+def test_vllm_vlms_untouched_when_ray_is_installed(tmp_path, monkeypatch, as_vllm_vlms):
     source = tmp_path / "fake_vllm_vlms2.py"
-    source.write_text("import ray\n")
+    source.write_text("import ray\nx = ray.remote\n")
     fake_ray = type(sys)("ray")
     fake_ray.__spec__ = importlib.machinery.ModuleSpec("ray", None)
+    fake_ray.remote = object()
     monkeypatch.setitem(sys.modules, "ray", fake_ray)
-    loader, module = _module_from(source, "fake_vllm_vlms2")
-    exec_vllm_vlms(loader, module)
+    module = as_vllm_vlms(source)
     assert module.ray is fake_ray
-    # Without ray and without a module-level import (fixed upstream): executed as it is.
+    assert fixes.status()["vllm-lazy-ray"][0] == "not needed"
+
+
+def test_vllm_vlms_import_gone_turns_the_fix_off_with_one_warning(
+    tmp_path, monkeypatch, caplog, as_vllm_vlms
+):
+    """Fixed upstream (no module-level import): executed as it is, one warning, no stand-in."""
     monkeypatch.setitem(sys.modules, "ray", None)
-    source.write_text("def dp():\n    import ray\n    return ray\n")
-    loader, module = _module_from(source, "fake_vllm_vlms3")
-    exec_vllm_vlms(loader, module)
-    assert not hasattr(module, "ray")
+    source = tmp_path / "fake_vllm_vlms3.py"
+    source.write_text("def dp():\n    import ray\n    return ray.remote\n")
+    with caplog.at_level("WARNING", logger="rejalign_tasks.harness"):
+        module = as_vllm_vlms(source)
+        as_vllm_vlms(source)  # a second load: still one warning
+    assert not hasattr(module, "ray") and callable(module.dp)
+    state, reason = fixes.status()["vllm-lazy-ray"]
+    assert state == "off" and "import ray" in reason
+    warnings = [r for r in caplog.records if "vllm-lazy-ray" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_real_vllm_vlms_source_has_the_import_we_drop():
@@ -104,9 +131,9 @@ def test_real_vllm_vlms_source_has_the_import_we_drop():
     import ast
 
     spec = importlib.util.find_spec("lm_eval.models.vllm_vlms")
-    tree = ast.parse(spec.loader.get_source("lm_eval.models.vllm_vlms"))
-    _, dropped = vllm_compat._without_toplevel_ray_import(tree)
-    assert dropped
+    source = spec.loader.get_source("lm_eval.models.vllm_vlms")
+    assert fixes.rewrite_import(ast.parse(source), "import ray") is None
+    assert vllm_compat.check_vllm_vlms(source) is None
 
 
 def test_cli_batch_size_defaults_to_auto_for_vllm_only(tmp_path, monkeypatch):

@@ -103,8 +103,8 @@ def cached_build(original_build, version: str, cacheable=None):
                     log.warning(
                         "Task '%s' from %s overrides existing task from %s",
                         name,
-                        entry.yaml_path,
-                        index[name].yaml_path,
+                        getattr(entry, "yaml_path", "?"),
+                        getattr(index[name], "yaml_path", "?"),
                     )
                 index[name] = entry
         return index
@@ -114,21 +114,28 @@ def cached_build(original_build, version: str, cacheable=None):
     return build
 
 
-def patch_index(module) -> None:
-    """Install the cache on ``lm_eval.tasks._index.TaskIndex``."""
+def check(module) -> str | None:
+    """``TaskIndex.build`` must still be a static method taking ``paths`` and the keyword
+    ``resolve_includes``, returning a mapping of names to entries (what the merge relies on)."""
+    import inspect
+
+    from rejalign_tasks.harness.fixes import signature_reason
+
     cls = getattr(module, "TaskIndex", None)
-    original = getattr(cls, "build", None)
-    if original is None or getattr(original, "_rejalign_cached", False):
+    if not inspect.isclass(cls):
+        return f"{module.__name__}.TaskIndex is not a class any more"
+    raw = inspect.getattr_static(cls, "build", None)
+    if not isinstance(raw, staticmethod):
+        return "TaskIndex.build is no longer a static method"
+    return signature_reason(raw.__func__, "TaskIndex.build", ("paths", "resolve_includes"))
+
+
+def patch(module) -> None:
+    """Install the cache on ``lm_eval.tasks._index.TaskIndex``."""
+    from importlib.metadata import version
+
+    cls = module.TaskIndex
+    original = cls.build
+    if getattr(original, "_rejalign_cached", False):
         return
-    try:
-        from importlib.metadata import version
-
-        lm_eval_version = version("lm_eval")
-    except Exception:
-        return
-    cls.build = staticmethod(cached_build(original, lm_eval_version))
-
-
-def exec_index(loader, module) -> None:
-    loader.exec_module(module)
-    patch_index(module)
+    cls.build = staticmethod(cached_build(original, version("lm_eval")))

