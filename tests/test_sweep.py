@@ -25,16 +25,20 @@ import pytest
 import yaml
 from PIL import Image
 
-from rejalign_train import sweep
 from rejalign_train.fit import trainer_checkpoints
-from rejalign_train.sweep import (
-    STEP_MARKER,
+from rejalign_train.sweep.cache import STEP_FORMAT, STEP_MARKER, StepCache, digest
+from rejalign_train.sweep.cli import main as sweep_main
+from rejalign_train.sweep.options import (
+    DEFAULT_TASKS,
+    SweepConfig,
     SweepError,
+    check_config,
     fraction_label,
     parse_args,
     parse_fractions,
-    step_status,
 )
+from rejalign_train.sweep.pipeline import Sweep
+from rejalign_train.sweep.supervise import sweep_lock
 from rejalign_train.synthetic import shape_records, write_json
 
 UTILITY = Path(__file__).parent / "fixtures" / "utility"
@@ -319,7 +323,7 @@ def test_rerun_of_a_finished_sweep_runs_nothing(killed_and_rerun, capsys):
     out = killed_and_rerun["out"]
     before = _markers(out)
     argv = [str(killed_and_rerun["config"]), "--output_dir", str(out)]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     log = capsys.readouterr().out
     assert "rejalign-sweep: 0 step(s) run, 8 skipped" in log
     assert _markers(out) == before
@@ -352,7 +356,7 @@ def test_dry_run_shows_what_a_changed_option_redoes(killed_and_rerun, capsys, ex
     out = killed_and_rerun["out"]
     before = _markers(out)
     argv = [str(killed_and_rerun["config"]), "--output_dir", str(out), "--dry_run", *extra]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     log = capsys.readouterr().out
     for name in STEPS:
         if name in redo:
@@ -369,7 +373,7 @@ def test_a_redone_step_with_the_same_output_keeps_what_follows(killed_and_rerun,
     out = killed_and_rerun["out"]
     (out / "frac-1.00" / "mix" / STEP_MARKER).unlink()
     argv = [str(killed_and_rerun["config"]), "--output_dir", str(out)]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     log = capsys.readouterr().out
     assert "frac-1.00/mix: running (unfinished" in log
     assert "rejalign-sweep: 1 step(s) run, 7 skipped" in log
@@ -380,7 +384,7 @@ def test_changed_outputs_are_redone(killed_and_rerun, capsys):
     report = out / "report" / "report.md"
     report.write_text(report.read_text() + "edited by hand\n")
     argv = [str(killed_and_rerun["config"]), "--output_dir", str(out)]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     log = capsys.readouterr().out
     assert "report: running (output report.md changed or missing since the step finished)" in log
     assert "edited by hand" not in report.read_text()
@@ -553,7 +557,7 @@ def test_bad_options_exit_2_before_any_step(sources, tmp_path, capsys, extra, me
     argv = ["--model", "m", "--output_dir", str(out), "--total", "8"]
     argv += ["--refusal_source", str(sources / "refusal.json")]
     argv += ["--normal_source", str(sources / "normal.json"), *extra]
-    assert sweep.main(argv) == 2
+    assert sweep_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("rejalign-sweep: error: ")
     assert re.search(message, err), err
@@ -571,13 +575,13 @@ def test_source_layout_errors(sources, tmp_path, capsys):
         "--normal_source",
         str(other / "normal.json"),
     ]
-    assert sweep.main(argv) == 2
+    assert sweep_main(argv) == 2
     assert "different folders: give --image-root" in capsys.readouterr().err
     argv = base + ["--output_dir", str(tmp_path / "a,b")]
-    assert sweep.main(argv) == 2
+    assert sweep_main(argv) == 2
     assert "must not contain a comma" in capsys.readouterr().err
     argv = base + ["--output_dir", str(tmp_path / "c"), "--refusal_source", "missing.json"]
-    assert sweep.main(argv) == 2
+    assert sweep_main(argv) == 2
     assert "--refusal-source missing.json: file not found" in capsys.readouterr().err
 
 
@@ -587,7 +591,7 @@ def test_a_failing_step_stops_the_sweep_and_leaves_no_marker(sources, tmp_path, 
     argv = ["--model", "m", "--output_dir", str(out), "--total", "12", "--fractions", "0.5,0.75"]
     argv += ["--refusal_source", str(sources / "refusal.json")]
     argv += ["--normal_source", str(sources / "normal.json")]
-    assert sweep.main(argv) == 1
+    assert sweep_main(argv) == 1
     err = capsys.readouterr().err
     assert "frac-0.75/mix: 9 refusal record(s) asked for but" in err and "holds 8" in err
     assert (out / "frac-0.50" / "mix" / STEP_MARKER).is_file()
@@ -595,12 +599,12 @@ def test_a_failing_step_stops_the_sweep_and_leaves_no_marker(sources, tmp_path, 
     assert not (out / "base").exists()  # nothing runs after a failed step
 
 
-def _checked(sources: Path, tmp_path: Path, *extra: str) -> sweep.SweepConfig:
+def _checked(sources: Path, tmp_path: Path, *extra: str) -> SweepConfig:
     cfg = parse_args(
         ["--model", "org/vlm", "--output_dir", str(tmp_path / "out"), "--total", "8"]
         + ["--refusal_source", str(sources / "refusal.json"), "--fractions", "1", *extra]
     )
-    sweep.check_config(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -627,7 +631,7 @@ def test_tool_commands(sources, tmp_path):
         "--eval.seed",
         "1",
     )
-    run = sweep.Sweep(cfg)
+    run = Sweep(cfg)
     data, adapter = tmp_path / "mixed.jsonl", tmp_path / "adapter"
     assert run.fit_command(data, adapter) == [
         *["accelerate", "launch", "--num_processes", "2", "-m", "rejalign_train.cli", "fit"],
@@ -640,13 +644,13 @@ def test_tool_commands(sources, tmp_path):
         *[sys.executable, "-m", "rejalign_tasks.harness.cli", "--model", "vllm-vlm"],
         "--model_args",
         f"pretrained=org/vlm,lora_local_path={adapter},max_model_len=4096",
-        *["--tasks", sweep.DEFAULT_TASKS, "--output_path", str(tmp_path / "res")],
+        *["--tasks", DEFAULT_TASKS, "--output_path", str(tmp_path / "res")],
         *["--limit", "5", "--seed", "1"],
     ]
-    base = sweep.Sweep(_checked(sources, tmp_path)).eval_command(None, tmp_path / "res")
+    base = Sweep(_checked(sources, tmp_path)).eval_command(None, tmp_path / "res")
     assert base[base.index("--model") + 1] == "hf-multimodal"
     assert base[base.index("--model_args") + 1] == "pretrained=org/vlm"
-    plain = sweep.Sweep(_checked(sources, tmp_path, "--fit.refusal_sentence", "No.")).fit_command(
+    plain = Sweep(_checked(sources, tmp_path, "--fit.refusal_sentence", "No.")).fit_command(
         data, adapter
     )
     assert plain[:4] == [sys.executable, "-m", "rejalign_train.cli", "fit"]
@@ -666,32 +670,31 @@ def test_fit_configuration_file_errors(sources, tmp_path):
 def test_step_status(tmp_path):
     folder = tmp_path / "step"
     inputs = {"a": 1, "b": "x"}
-    assert step_status(folder, inputs) == (None, "not run yet")
+    step_status = StepCache(folder).status
+    assert step_status(inputs) == (None, "not run yet")
     folder.mkdir()
     (folder / "out.txt").write_text("result")
-    assert step_status(folder, inputs)[1] == f"unfinished (no {STEP_MARKER})"
+    assert step_status(inputs)[1] == f"unfinished (no {STEP_MARKER})"
     marker = {
-        "format": sweep.STEP_FORMAT,
-        "key": sweep.digest(inputs),
+        "format": STEP_FORMAT,
+        "key": digest(inputs),
         "inputs": inputs,
-        "outputs": sweep.output_digests(folder, [folder / "out.txt"]),
+        "outputs": StepCache(folder).output_digests([folder / "out.txt"]),
     }
     (folder / STEP_MARKER).write_text(json.dumps(marker))
-    assert step_status(folder, inputs) == (marker, "finished")
-    assert step_status(folder, {**inputs, "b": "y"})[1] == "inputs changed (b)"
-    assert step_status(folder, {**inputs, "c": None})[1] == "inputs changed (c)"
+    assert step_status(inputs) == (marker, "finished")
+    assert step_status({**inputs, "b": "y"})[1] == "inputs changed (b)"
+    assert step_status({**inputs, "c": None})[1] == "inputs changed (c)"
     (folder / "out.txt").write_text("edited")
-    assert step_status(folder, inputs)[1] == (
-        "output out.txt changed or missing since the step finished"
-    )
+    assert step_status(inputs)[1] == "output out.txt changed or missing since the step finished"
     (folder / STEP_MARKER).write_text("{")
-    assert step_status(folder, inputs)[1] == f"unreadable {STEP_MARKER}"
+    assert step_status(inputs)[1] == f"unreadable {STEP_MARKER}"
 
 
 def test_one_sweep_per_folder(tmp_path):
-    with sweep.sweep_lock(tmp_path):
+    with sweep_lock(tmp_path):
         with pytest.raises(SweepError, match="another rejalign-sweep is running"):
-            with sweep.sweep_lock(tmp_path):
+            with sweep_lock(tmp_path):
                 pass
-    with sweep.sweep_lock(tmp_path):  # released with the first
+    with sweep_lock(tmp_path):  # released with the first
         pass
