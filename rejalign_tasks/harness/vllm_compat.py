@@ -166,7 +166,17 @@ def distribution_version_function():
 
 def check_vllm_causallms(source: str) -> str | None:
     """The module must still ask for vLLM's version as ``version("vllm")``."""
-    return None if 'version("vllm")' in source else 'no `version("vllm")` call in it any more'
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "version"
+            and [getattr(a, "value", None) for a in node.args] == ["vllm"]
+        ):
+            return None
+    return 'no `version("vllm")` call in it any more'
 
 
 # --------------------------------------------------------------------------- batch size
