@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rejalign_tasks.harness.cli import build_argv
+from rejalign_tasks.console import UsageError
+from rejalign_tasks.harness.cli import build_argv, main
 from rejalign_tasks.harness.routing import has_images, install, route, uninstall
 
 FIXTURES = Path(__file__).parent / "fixtures" / "utility"
@@ -94,9 +95,14 @@ def test_build_argv_keeps_what_the_user_gave():
     assert build_argv(["--predict_only", "-o", "o"]).count("--log_samples") == 0
 
 
-def test_build_argv_requires_an_output_folder():
-    with pytest.raises(SystemExit, match="--output_path is required"):
+def test_build_argv_requires_an_output_folder(capsys):
+    with pytest.raises(UsageError, match="--output_path is required"):
         build_argv(["--model_args", "pretrained=m"])
+    assert main(["--model_args", "pretrained=m"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "rejalign-eval: error: --output_path is required (the folder that will hold the "
+        "results JSON and every task's samples)"
+    )
 
 
 def test_every_group_names_known_tasks_and_sets_no_group_score(task_manager):

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rejalign_tasks.console import UsageError, run_command
+
 DEFAULT_MODEL = "hf-multimodal"
 DEFAULT_TASKS = "rejalign_paper"
 NO_CHAT_TEMPLATE = "--no_chat_template"
@@ -67,20 +69,19 @@ def build_argv(argv: Sequence[str]) -> list[str]:
     if not _has(args, "--log_samples", "-s", "--predict_only", "-x"):
         args.append("--log_samples")
     if not from_config and not _has(args, "--output_path", "-o"):
-        raise SystemExit(
-            "rejalign-eval: --output_path is required (the folder that will hold the results "
-            "JSON and every task's samples)"
+        raise UsageError(
+            "--output_path is required (the folder that will hold the results JSON and every "
+            "task's samples)"
         )
     return ["run", *args]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (``rejalign-eval``)."""
+def _evaluate(argv: list[str]) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     from rejalign_tasks.harness.routing import install
 
-    lm_args = build_argv(sys.argv[1:] if argv is None else argv)
+    lm_args = build_argv(argv)
     if lm_args[:1] == ["run"] and any(a in ("-h", "--help") for a in lm_args):
         print(HELP)
     install()
@@ -95,6 +96,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = sorted(Path(out).expanduser().glob("**/results_*.json"), key=_mtime)
         if results:
             print(f"rejalign-eval: results and samples in {results[-1].parent}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``rejalign-eval``): rejalign's CLI convention (0 done, 1 the run
+    failed, 2 bad options, 130 interrupted) around lm-eval's own command line."""
+    return run_command(
+        "rejalign-eval",
+        _evaluate,
+        argv,
+        failures=(RuntimeError,),
+        interrupted="interrupted; the results of this run were not written",
+    )
 
 
 def _mtime(path: Path) -> float:
@@ -102,4 +116,4 @@ def _mtime(path: Path) -> float:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())
