@@ -352,3 +352,15 @@ def test_index_cache_and_discovery_checks_pass_on_the_real_modules():
     assert index_cache.check(ix) is None
     assert discovery.check(manager) is None
     assert discovery.needed()
+
+
+def test_declared_lm_eval_range_is_the_fixes_range():
+    """pyproject's lm-eval bound and the fixes' version gate say the same thing."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    [declared] = [d for d in pyproject["project"]["dependencies"] if d.startswith("lm-eval")]
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    assert Requirement(declared).specifier == SpecifierSet(fixes.LM_EVAL_SUPPORTED)
