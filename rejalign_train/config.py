@@ -12,15 +12,14 @@ This module stays free of ``from __future__ import annotations``: ``HfArgumentPa
 field types at run time.
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from rejalign_tasks.console import split_config
 from rejalign_tasks.contracts import REFUSAL_SENTENCE
 
 
@@ -183,47 +182,28 @@ def bf16_available(use_cpu: bool = False) -> bool:
 
 
 PARSER_CLASSES = (ModelArguments, DataArguments, FitArguments)
-
-
-def load_config_file(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+CONFIG_EPILOG = (
+    "A .yaml/.yml/.json file given as the first argument sets these options' defaults (names "
+    "with - or _); flags after it override it."
+)
 
 
 def parse_fit_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, FitArguments]:
-    """Parse flags, or a YAML/JSON file (first argument) whose values flags may override."""
+    """Parse flags, or a YAML/JSON file (first argument) whose values flags may override.
+
+    A file that cannot be read, or names an unknown option, is a
+    :class:`~rejalign_tasks.console.UsageError` naming the file.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(PARSER_CLASSES, prog="rejalign-train fit")
-    if (
-        argv
-        and not argv[0].startswith("-")
-        and Path(argv[0]).suffix.lower()
-        in (
-            ".yaml",
-            ".yml",
-            ".json",
-        )
-    ):
-        config = load_config_file(Path(argv[0]))
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown option(s) {', '.join(unknown)}")
-        for action in parser._actions:
-            if action.dest in config:
-                action.default = config[action.dest]
-                action.required = False
-        argv = argv[1:]
+    parser = HfArgumentParser(
+        PARSER_CLASSES,
+        prog="rejalign-train fit",
+        description="LoRA-finetune a vision-language model on refusal-mixed data.",
+        epilog=CONFIG_EPILOG,
+    )
+    argv, _ = split_config(parser, argv)
     model_args, data_args, train_args, extra = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )

@@ -35,6 +35,7 @@ from transformers import (
     set_seed,
 )
 
+from rejalign_tasks.console import UsageError, run_command
 from rejalign_train.chat import ChatRenderer
 from rejalign_train.collator import VisionChatCollator
 from rejalign_train.config import DataArguments, FitArguments, ModelArguments
@@ -52,6 +53,7 @@ from rejalign_train.manifest import (
 
 logger = logging.getLogger(__name__)
 
+PROG = "rejalign-train fit"
 INCOMPLETE_SUFFIX = ".incomplete"
 RUN_SPEC_NAME = "rejalign_run.json"
 MERGED_DIR = "merged"
@@ -507,10 +509,26 @@ def fit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rejalign-train fit [CONFIG.yaml] [--flags]``."""
+    """``rejalign-train fit [CONFIG.yaml] [--flags]``: 0 done, 2 bad input, 130 interrupted."""
+    from rejalign_train.records import RecordError
+
+    return run_command(
+        PROG,
+        _main,
+        argv,
+        usage_errors=(FitError, RecordError),
+        interrupted="interrupted; rerun the same command with --resume to continue from the "
+        "last checkpoint",
+    )
+
+
+def _main(argv: list[str]) -> int:
     from rejalign_train.config import parse_fit_args
 
-    model_args, data_args, train_args = parse_fit_args(argv)
+    try:
+        model_args, data_args, train_args = parse_fit_args(argv)
+    except ValueError as exc:  # TrainingArguments' own checks of the options
+        raise UsageError(str(exc)) from exc
     out = fit(model_args, data_args, train_args)
     if os.environ.get("RANK", "0") == "0":
         print(out)

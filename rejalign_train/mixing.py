@@ -49,6 +49,7 @@ from itertools import compress
 from pathlib import Path
 from typing import Any, Literal
 
+from rejalign_tasks.console import run_command, split_config
 from rejalign_tasks.contracts import IMAGE_PLACEHOLDER, REFUSAL_SENTENCE, write_text_atomic
 from rejalign_train.record_writer import layout_for, write_records
 from rejalign_train.records import RecordError, RecordFile, check_placeholders, normalise
@@ -56,6 +57,11 @@ from rejalign_train.records import RecordError, RecordFile, check_placeholders, 
 # Upstream's turn-choice rule skips human turns containing this (case-insensitive): follow-up
 # questions ("What about the left one?") make no sense once the earlier turns are cut away.
 FOLLOW_UP_MARKER = "what about"
+PROG = "rejalign-train mix"
+CONFIG_EPILOG = (
+    "A .yaml/.yml/.json file given as the first argument sets these options' defaults (names "
+    "with - or _); flags after it override it."
+)
 MANIFEST_SUFFIX = ".manifest.json"
 
 
@@ -478,22 +484,40 @@ def _version() -> str:
 
 
 def parse_args(argv: list[str] | None) -> MixArguments:
+    """Parse flags, or a YAML/JSON file (first argument) whose values flags may override."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(MixArguments, prog="rejalign-train mix")
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(
+        MixArguments,
+        prog=PROG,
+        description="Benign instruction data in which a share of the replies is a refusal.",
+        epilog=CONFIG_EPILOG,
+    )
+    argv, _ = split_config(parser, argv)
+    args, extra = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of ``rejalign-train mix``; returns the exit status (2 on bad input)."""
-    try:
-        args = parse_args(argv)
-        result = mix(args)
-        output, manifest_file = write_mix(args, result)
-    except (MixError, RecordError) as exc:
-        print(f"rejalign-train mix: error: {exc}", file=sys.stderr)
-        return 2
+    """``rejalign-train mix [CONFIG.yaml] [--flags]``: 0 done, 2 bad input, 130 interrupted."""
+    return run_command(
+        PROG,
+        _main,
+        argv,
+        usage_errors=(MixError, RecordError),
+        interrupted="interrupted; rerun the same command to make the mix",
+    )
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    result = mix(args)
+    output, manifest_file = write_mix(args, result)
     counts = result.manifest["counts"]
     print(
         f"wrote {counts['total']} records ({counts['refusal']} refusal, {counts['normal']} "

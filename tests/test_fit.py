@@ -16,6 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from rejalign_tasks.console import UsageError
 from rejalign_tasks.contracts import sha256_file
 from rejalign_train.chat import ChatRenderer
 from rejalign_train.cli import main as cli_main
@@ -82,7 +83,7 @@ def test_defaults_are_the_paper_recipe(tmp_path):
     model, data, train = parse_fit_args([str(config), "--lora-r", "32"])
     assert (model.lora_r, data.refusal_eos, train.output_dir) == (32, "train", "o")
     (tmp_path / "bad.json").write_text(json.dumps({"model": "m", "lora_rank": 4}))
-    with pytest.raises(ValueError, match="unknown option.*lora_rank"):
+    with pytest.raises(UsageError, match="unknown option.*lora_rank"):
         parse_fit_args([str(tmp_path / "bad.json")])
 
 
