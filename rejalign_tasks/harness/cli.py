@@ -16,11 +16,15 @@ the same object, and lm-eval computes the groups (``rejalign_paper`` mixes both 
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rejalign_tasks.console import UsageError, run_command
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "hf-multimodal"
 DEFAULT_TASKS = "rejalign_paper"
@@ -74,6 +78,20 @@ def build_argv(argv: Sequence[str]) -> list[str]:
             "task's samples)"
         )
     return ["run", *args]
+
+
+def lm_eval_run_parser() -> argparse.ArgumentParser | None:
+    """lm-eval's own ``run`` option parser, so a sweep can check eval options before hours of
+    training; ``None`` (with one warning) when lm-eval's CLI no longer has that shape."""
+    try:
+        from lm_eval._cli import HarnessCLI
+
+        parser = HarnessCLI()._subparsers.choices["run"]
+    except Exception as exc:  # lm-eval's private CLI layout moved
+        logger.warning("rejalign: lm-eval's run parser not found (%r); eval options are "
+                       "checked by lm-eval when the run starts", exc)
+        return None
+    return parser if isinstance(parser, argparse.ArgumentParser) else None
 
 
 def _evaluate(argv: list[str]) -> int:

@@ -428,9 +428,11 @@ def check_config(cfg: SweepConfig) -> None:
             raise SweepError(f"--metadata: not JSON ({exc})") from None
     _check_mix_options(cfg)
     _check_fit_options(cfg)
-    from lm_eval._cli import HarnessCLI
+    from rejalign_tasks.harness.cli import lm_eval_run_parser
 
-    _unknown_options(HarnessCLI()._subparsers.choices["run"], cfg.passthrough["eval"], "eval")
+    run_parser = lm_eval_run_parser()
+    if run_parser is not None:  # else lm-eval checks them itself when the evals start
+        _unknown_options(run_parser, cfg.passthrough["eval"], "eval")
 
 
 def _check_mix_options(cfg: SweepConfig) -> None:
