@@ -36,13 +36,3 @@ The modules, each importable on its own (nothing is re-exported here, so ``--hel
 * ``cli``       -- ``main``, the ``rejalign-sweep`` console script.
 """
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``rejalign_train.sweep.cli.main``, imported only when called.
-
-    Kept so that console scripts installed from the old ``rejalign_train.sweep:main`` entry point
-    go on working until the package is reinstalled.
-    """
-    from rejalign_train.sweep.cli import main as cli_main
-
-    return cli_main(argv)

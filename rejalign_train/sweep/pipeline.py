@@ -277,7 +277,7 @@ class Sweep:
             }
 
         def execute(folder: Path, resume: bool) -> list[Path]:
-            from rejalign_tasks.report.logs import ReportInputError
+            from rejalign_tasks.report.errors import ReportInputError
             from rejalign_tasks.report.report import make_report
             from rejalign_tasks.report.spec import SpecError, load_spec
 
