@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from rejalign_train.dataset import Sample, add_special_tokens_for
 
@@ -76,10 +77,16 @@ class VisionChatCollator:
             return_offsets_mapping=True,
             return_text_replacement_offsets=True,
             add_special_tokens=add_special_tokens_for(self.tokenizer, texts[0]),
-            return_tensors="pt",
         )
-        offsets = enc.pop("offset_mapping").numpy()
+        # Python objects first, tensors after: some processors (Idefics3) convert every output
+        # to tensors, the per-image replacement records included, and fail whenever the first
+        # row has no image ("Unable to convert output 'text_replacement_offsets'").
+        offsets = np.asarray(enc.pop("offset_mapping"), dtype=np.int64).reshape(len(texts), -1, 2)
         replacements = enc.pop("text_replacement_offsets", None)
+        skip = set(getattr(self.processor, "skip_tensor_conversion", None) or ())
+        as_is = {k: v for k, v in enc.items() if k in skip}
+        tensors = BatchFeature({k: v for k, v in enc.items() if k not in skip}, tensor_type="pt")
+        enc = {**tensors, **as_is}
         if has_images and not replacements:
             raise RuntimeError(
                 f"{type(self.processor).__name__} does not report where it expands image "
@@ -115,4 +122,4 @@ class VisionChatCollator:
         if self.image_token_id is not None:
             labels[input_ids == self.image_token_id] = IGNORE_INDEX
         enc["labels"] = labels
-        return dict(enc)
+        return enc

@@ -83,21 +83,57 @@ def add_special_tokens_for(tokenizer, text: str) -> bool:
 
 
 class ImageTokenCounter:
-    """How many tokens one image placeholder grows by, per image size (measured once a size)."""
+    """A sample's exact token count, image tokens included, without decoding any image.
+
+    The processor replaces each image placeholder with a string that depends only on the image's
+    size, then tokenises the whole text. That string is measured once per size (on a blank
+    image); a sample is counted by making the same replacements in its text and tokenising it
+    whole. Counting a per-image constant instead would be wrong wherever the expansion merges
+    with its context: Gemma 3's expansion starts with two newlines, which merge with a newline
+    before the placeholder into one token.
+    """
 
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.placeholder = image_token_string(processor)
-        self._cache: dict[tuple[int, int], int] = {}
+        self._cache: dict[tuple[int, int], str] = {}
 
-    def extra_tokens(self, size: tuple[int, int]) -> int:
+    def replacement(self, size: tuple[int, int]) -> str:
+        """The text the processor puts in place of the placeholder for an image of ``size``."""
         if size not in self._cache:
             blank = Image.new("RGB", size, (255, 255, 255))
-            with_image = self.processor(text=[self.placeholder], images=[[blank]])["input_ids"][0]
-            without = self.tokenizer(self.placeholder)["input_ids"]
-            self._cache[size] = len(with_image) - len(without)
+            enc = self.processor(
+                text=[self.placeholder], images=[[blank]], return_text_replacement_offsets=True
+            )
+            found = (enc.get("text_replacement_offsets") or [[]])[0]
+            if len(found) != 1 or "replacement" not in found[0]:
+                raise RuntimeError(
+                    f"{type(self.processor).__name__} does not report how it expands image "
+                    "placeholders (return_text_replacement_offsets), so image tokens cannot be "
+                    "counted nor labels aligned"
+                )
+            self._cache[size] = found[0]["replacement"]
         return self._cache[size]
+
+    def count(self, text: str, sizes: list[tuple[int, int]]) -> int:
+        """Tokens of ``text`` once the processor has expanded its placeholders (images of
+        ``sizes``, in order), with the special tokens the collator lets the tokenizer add."""
+        add_special = add_special_tokens_for(self.tokenizer, text)  # decided as the collator does
+        if self.placeholder:
+            pieces = text.split(self.placeholder)
+            if len(pieces) - 1 != len(sizes):
+                raise ValueError(
+                    f"the rendered text has {len(pieces) - 1} {self.placeholder!r} "
+                    f"placeholder(s) for {len(sizes)} image(s)"
+                )
+            text = pieces[0] + "".join(
+                self.replacement(size) + piece
+                for size, piece in zip(sizes, pieces[1:], strict=True)
+            )
+        elif sizes:
+            raise ValueError(f"{type(self.processor).__name__} has no image placeholder")
+        return len(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
 def resolve_image(path: str, image_root: Path | None) -> Path:
@@ -138,7 +174,6 @@ def prepare_samples(
     if overlong not in OVERLONG_CHOICES:
         raise ValueError(f"overlong={overlong!r}: expected one of {', '.join(OVERLONG_CHOICES)}")
     root = Path(image_root).expanduser() if image_root else None
-    tokenizer = processor.tokenizer
     counter = ImageTokenCounter(processor)
     stats = PrepareStats()
     samples: list[Sample] = []
@@ -166,10 +201,10 @@ def prepare_samples(
             rendered = renderer.render(to_chat_messages(messages))
         except ValueError as exc:
             raise error(str(exc), "messages") from exc
-        ids = tokenizer(
-            rendered.text, add_special_tokens=add_special_tokens_for(tokenizer, rendered.text)
-        )["input_ids"]
-        num_tokens = len(ids) + sum(counter.extra_tokens(s) for s in sizes)
+        try:
+            num_tokens = counter.count(rendered.text, sizes)
+        except ValueError as exc:
+            raise error(str(exc), "images") from exc
         if num_tokens > max_length:
             if overlong == "error":
                 raise error(

@@ -282,3 +282,14 @@ def test_collator_rejects_a_batch_over_max_length(processors, images):
         VisionChatCollator(processor, max_length=samples[0].num_tokens - 1)(samples)
     labels = VisionChatCollator(processor, max_length=samples[0].num_tokens)(samples)["labels"]
     assert isinstance(labels, torch.Tensor)
+
+
+def test_a_template_that_drops_images_is_rejected_before_training(processors, images):
+    processor = copy.deepcopy(processors[False])
+    processor.chat_template = (  # renders text parts only
+        "{% for m in messages %}{{ m['role'] + ': ' }}{% for c in m['content'] %}"
+        "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(RecordError, match=r"0 '<image>' placeholder\(s\) for 1 image\(s\)"):
+        prepare(processor, [record("x", "<image>\nColour?", "Red.")], images)

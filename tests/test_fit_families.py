@@ -5,10 +5,15 @@ without ``{% generation %}`` marks whose turns end with ``<end_of_utterance>``, 
 the template, images split into a size-dependent number of crops (so the image-token count
 depends on the image), extra tokens around each crop, and differently named modules (the
 language model is ``model.text_model``, the projector ``model.connector``).
+
+Gemma 3, with its real tokenizer and chat template (shared data) and a tiny random model: its
+processor expands ``<start_of_image>`` into text that starts and ends with two newlines, which
+merge with the newlines around the placeholder, so an image's token count depends on its context.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,8 +24,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rejalign_train.chat import ChatRenderer
 from rejalign_train.cli import main as cli_main
-from rejalign_train.collator import IGNORE_INDEX, VisionChatCollator
-from rejalign_train.dataset import prepare_samples
+from rejalign_train.collator import IGNORE_INDEX, VisionChatCollator, load_rgb
+from rejalign_train.dataset import add_special_tokens_for, prepare_samples
 from rejalign_train.fit import end_of_turn_tokens, lora_target_modules, projector_path
 from rejalign_train.manifest import read_manifest
 from rejalign_train.mixing import REFUSAL_SENTENCE
@@ -197,3 +202,161 @@ def test_fit_trains_an_idefics3_adapter(tiny_idefics3, data, tmp_path):
         k.startswith(("base_model.model.model.text_model.", "base_model.model.model.connector."))
         for k in keys
     )
+
+
+def chat_record(rid: str, user: str, reply: str, images=(), system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return {"id": rid, "images": list(images), "messages": messages}
+
+
+def test_idefics3_batch_whose_first_record_is_text_only(tiny_idefics3, data):
+    # Idefics3Processor converts every output to tensors, the per-image replacement records
+    # (return_text_replacement_offsets) included; with no image in the first row that used to
+    # fail: "Unable to convert output 'text_replacement_offsets' (type: list) to tensor".
+    processor = AutoProcessor.from_pretrained(tiny_idefics3)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_idefics3)
+    renderer = ChatRenderer(processor, end_of_turn_tokens(processor, str(tiny_idefics3), False))
+    replies = ["Fine.", "A red block.", "A tall red block."]
+    records = [
+        chat_record("text", "No image here.", replies[0]),
+        chat_record("wide", "<image>\nWhat is it?", replies[1], ["images/wide.png"]),
+        chat_record("tall", "What is <image> here?", replies[2], ["images/tall.png"]),
+    ]
+    samples, _ = prepare_samples(
+        records,
+        processor,
+        renderer,
+        source="mixed.jsonl",
+        image_root=data.parent,
+        max_length=512,
+        refusal_sentence=REFUSAL_SENTENCE,
+        progress=False,
+    )
+    batch = VisionChatCollator(processor, refusal_eos="mask")(samples)
+    assert all(isinstance(v, torch.Tensor) for v in batch.values())
+    assert batch["attention_mask"].sum(dim=1).tolist() == [s.num_tokens for s in samples]
+    image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    assert image_tokens[0] == 0 and all(n > 0 for n in image_tokens[1:])
+    tok = processor.tokenizer
+    for row, reply in enumerate(replies):
+        labels = batch["labels"][row]
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        expected = tok(" " + reply + "<end_of_utterance>", add_special_tokens=False)["input_ids"]
+        assert kept == expected, (samples[row].id, tok.decode(kept))
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.fixture(scope="module")
+def gemma3(data_dir):
+    """Gemma 3's processor on its real tokenizer and chat template (32-pixel images, 4 tokens
+    each), and a tiny random Gemma3ForConditionalGeneration that matches it."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    folder = data_dir / "tokenizers" / "gemma3"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        **{k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        extra_special_tokens=config["extra_special_tokens"],
+        chat_template=config["chat_template"],
+    )
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        image_seq_length=4,
+        chat_template=config["chat_template"],
+    )
+    model_config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 64,
+            "max_position_embeddings": 512,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        mm_tokens_per_image=4,
+    )
+    assert model_config.image_token_id == tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    torch.manual_seed(0)
+    return processor, Gemma3ForConditionalGeneration(model_config).eval()
+
+
+def test_gemma3_token_counts_are_exact_in_context(gemma3, data):
+    processor, model = gemma3
+    tok = processor.tokenizer
+    replies = ["A red block.", "Fine.", "Red.", "Both red."]
+    records = [
+        # The image right after "<start_of_turn>user\n": "\n" + "\n\n<start_of_image>..." is
+        # one token, not two.
+        chat_record("after-newline", "<image>\nWhat is it?", replies[0], ["images/wide.png"]),
+        chat_record("text", "No image here.", replies[1]),
+        # After the system prompt's "\n\n", and between two images ("\n\n" + "\n\n").
+        chat_record("system", "<image>\nColour?", replies[2], ["images/small.png"], "Be brief."),
+        chat_record(
+            "two", "<image>\n<image>\nCompare.", replies[3], ["images/tall.png", "images/wide.png"]
+        ),
+    ]
+    samples, _ = prepare_samples(
+        records,
+        processor,
+        ChatRenderer(processor),
+        source="mixed.jsonl",
+        image_root=data.parent,
+        max_length=512,
+        refusal_sentence=REFUSAL_SENTENCE,
+        progress=False,
+    )
+    assert "<start_of_turn>user\n<start_of_image>What" in samples[0].text
+    assert "Be brief.\n\n<start_of_image>" in samples[2].text
+
+    # Each count is the length of the processor's own output for that sample alone ...
+    for sample in samples:
+        images = [load_rgb(p) for p in sample.images]
+        ids = processor(
+            text=[sample.text],
+            images=[images] if images else None,
+            add_special_tokens=add_special_tokens_for(tok, sample.text),
+        )["input_ids"][0]
+        assert sample.num_tokens == len(ids), sample.id
+        assert ids.count(tok.bos_token_id) == 1
+    # ... where a per-image constant measured in isolation counts one token too many.
+    boi, blank = processor.boi_token, Image.new("RGB", (100, 60))
+    isolated = len(processor(text=[boi], images=[[blank]])["input_ids"][0]) - len(
+        tok(boi)["input_ids"]
+    )
+    text_only = len(tok(samples[0].text, add_special_tokens=False)["input_ids"])
+    assert samples[0].num_tokens == text_only + isolated - 1
+
+    # ... and of the collated batch (text-only row included); labels are the replies only.
+    batch = VisionChatCollator(processor, refusal_eos="mask")(samples)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [s.num_tokens for s in samples]
+    assert (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [4, 0, 4, 8]
+    for row, reply in enumerate(replies):
+        labels = batch["labels"][row]
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert kept == tok(reply + "<end_of_turn>", add_special_tokens=False)["input_ids"], (
+            samples[row].id,
+            tok.decode(kept),
+        )
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
