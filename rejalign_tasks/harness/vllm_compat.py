@@ -103,7 +103,7 @@ def patch_vllm_init(module: types.ModuleType) -> None:
         lora_local_path = given.get("lora_local_path")
         if lora_local_path is not None:
             given["pretrained"], given["lora_local_path"] = vllm_loadable(
-                given["pretrained"], lora_local_path
+                given["pretrained"], lora_local_path, revision=given.get("revision")
             )
             if given.get("max_lora_rank") is None:
                 rank = adapter_rank(given["lora_local_path"])
