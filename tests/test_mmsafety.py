@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from rejalign_tasks import task_configs_dir
 from rejalign_tasks.benchmarks import mmsafetybench as mmsafety
 from rejalign_tasks.benchmarks import typography
 from rejalign_tasks.benchmarks.data import MMSAFETY_SCENARIOS, DataFormatError
@@ -496,7 +497,7 @@ def test_template_lists_every_metric_process_results_returns():
         pass
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    template = Path(mmsafety.__file__).parents[1] / "task_configs/mmsafetybench"
+    template = task_configs_dir() / "mmsafetybench"
     config = yaml.load((template / "_mmsafety_template_yaml").read_text(), Loader=Loader)
     listed = [m["metric"] for m in config["metric_list"]]
     returned = process_results({"scenario": "07-Sex", "scenario_slug": "sex"}, [COMPLY])
