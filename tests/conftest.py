@@ -10,16 +10,36 @@ from pathlib import Path
 
 import pytest
 
-from rejalign_tasks.benchmarks.data import DATA_DIR_ENV
+from rejalign_tasks.benchmarks.data import DATA_DIR_ENV, DataUnavailableError, assemble_data_dir
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """Folder of upstream data files (``$REJALIGN_DATA_DIR``; .ci/run points it at shared data)."""
+def data_dir(tmp_path_factory) -> Path:
+    """Folder of upstream data files, laid out like the shared data copy.
+
+    ``$REJALIGN_DATA_DIR`` when set (.ci/run points it at the shared copy). Otherwise a folder
+    assembled from the download cache: the product's downloader fetches each pinned upstream
+    file that the cache lacks and verifies its sha256 (``data.assemble_data_dir``); the folder is
+    then exported as ``$REJALIGN_DATA_DIR`` so that product code and ``lm_eval`` subprocesses
+    read the same files. Neither a copy nor the network: the run stops here with one message.
+    """
     value = os.environ.get(DATA_DIR_ENV)
-    if not value or not Path(value).is_dir():
-        pytest.fail(f"{DATA_DIR_ENV} must name the folder of upstream data files (see .ci/run)")
-    return Path(value)
+    if value:
+        if not Path(value).is_dir():
+            pytest.fail(
+                f"{DATA_DIR_ENV}={value} is not a folder: point it at a copy of the upstream data "
+                "files, or unset it to download the pinned files (see README, Development)",
+                pytrace=False,
+            )
+        return Path(value)
+    try:
+        folder = assemble_data_dir(tmp_path_factory.mktemp("upstream-data"))
+    except DataUnavailableError as exc:
+        pytest.exit(
+            f"upstream test data unavailable.\n{exc}", returncode=pytest.ExitCode.USAGE_ERROR
+        )
+    os.environ[DATA_DIR_ENV] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
