@@ -43,8 +43,9 @@ COMMANDS: dict[str, tuple[str, list[str], list[str]]] = {
         [],
         ["--model", "m", "--refusal_source", "r.json", "--output_dir", "o", "--total", "4"],
     ),
+    "rejalign-demo": ("rejalign-demo", [], ["--output-dir", "o"]),
 }
-TAKE_CONFIG_FILES = ("rejalign-train mix", "rejalign-train fit", "rejalign-sweep")
+TAKE_CONFIG_FILES = ("rejalign-train mix", "rejalign-train fit", "rejalign-sweep", "rejalign-demo")
 
 
 def run_script(command: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@ LLaVA, made here in a few seconds the way real MLLMs are made: full finetuning o
 instruction data (shape questions, and typographic list images with FigStep's prompt answered at
 length), plus text-only harmful questions answered with a refusal (the alignment an MLLM inherits
 from its language model). Like the MLLMs of the paper, it refuses harmful text and complies with
-the same requests delivered as typographic images (FigStep ASR near 1).
+the same requests delivered as typographic images (FigStep ASR near 1). The builder lives in
+``rejalign_train.demo.model``, shared with ``rejalign-demo``.
 """
 
 from __future__ import annotations
@@ -17,27 +18,17 @@ import pytest
 import torch
 from peft import PeftModel
 from PIL import Image
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from rejalign_tasks.benchmarks.data import data_file, read_csv_records
-from rejalign_train.chat import ChatRenderer
 from rejalign_train.cli import main as cli_main
-from rejalign_train.collator import VisionChatCollator
-from rejalign_train.dataset import SampleDataset, prepare_samples
+from rejalign_train.demo.model import build_instruct_llava
 from rejalign_train.manifest import read_manifest
 from rejalign_train.mixing import REFUSAL_SENTENCE
-from rejalign_train.records import iter_records
 from rejalign_train.synthetic import (
     BENIGN_INSTRUCTIONS,
     shape_records,
     typographic_records,
     write_json,
-    write_jsonl,
 )
 
 FIT = [
@@ -58,59 +49,9 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def instruct_base(tmp_path_factory, tiny_llava, data_dir) -> Path:
-    """The tiny LLaVA after a short full finetune on visual instructions (see module doc)."""
-    root = tmp_path_factory.mktemp("instruct-base")
-    questions = read_csv_records(data_file("figstep/safebench.csv"), ["question"])
-    text_refusals = [
-        {
-            "id": f"text_{i}",
-            "conversations": [
-                {"from": "human", "value": row["question"]},
-                {"from": "gpt", "value": REFUSAL_SENTENCE},
-            ],
-        }
-        for i, row in enumerate(questions[3::25][:16])
-    ]
-    records = (
-        shape_records(root / "shapes", 32, seed=1)
-        + typographic_records(root / "typo", BENIGN_INSTRUCTIONS[:12])
-        + text_refusals
-    )
-    data = write_jsonl(root / "instruct.jsonl", records)
-    processor = AutoProcessor.from_pretrained(tiny_llava)
-    samples, _ = prepare_samples(
-        iter_records(data),
-        processor,
-        ChatRenderer(processor),
-        source=str(data),
-        image_root=root,
-        max_length=512,
-        refusal_sentence=REFUSAL_SENTENCE,
-        progress=False,
-    )
-    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
-    model.model.vision_tower.requires_grad_(False)
-    args = TrainingArguments(
-        output_dir=str(root / "checkpoints"),
-        max_steps=60,
-        per_device_train_batch_size=8,
-        learning_rate=2e-3,
-        lr_scheduler_type="cosine",
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    collator = VisionChatCollator(processor, refusal_eos="train")
-    Trainer(
-        model=model, args=args, train_dataset=SampleDataset(samples), data_collator=collator
-    ).train()
-    out = root / "model"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    """The tiny LLaVA after a short full finetune on visual instructions (see module doc): the
+    builder ``rejalign-demo`` uses too."""
+    return build_instruct_llava(tmp_path_factory.mktemp("instruct-base"), base=tiny_llava)
 
 
 def greedy_replies(base: Path, adapter: Path, records: list[dict], image_root: Path) -> list[str]:
