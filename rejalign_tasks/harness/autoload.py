@@ -25,6 +25,7 @@ HOOKED = frozenset(
         "lm_eval.models.vllm_vlms",
         "lm_eval.models.vllm_causallms",
         "lm_eval.config.evaluate_config",
+        "lm_eval.evaluator",
     }
 )
 

@@ -4,7 +4,8 @@ It is lm-eval's own command line (every ``lm_eval run`` option works and means t
 
 * text-only and image tasks answered together by the same VLM (see :mod:`.routing`);
   the backend stays a pass-through, so ``--model hf-multimodal`` and ``--model vllm-vlm`` (with
-  their own ``peft=`` / ``lora_local_path=`` model args) both work;
+  their own ``peft=`` / ``lora_local_path=`` model args) both work, and so does ``--model vllm``
+  (its image tasks take vllm-vlm's path on the same engine, see :mod:`.vllm_images`);
 * defaults suited to VLM evaluation: ``--tasks rejalign_paper``, ``--model hf-multimodal``,
   ``--apply_chat_template`` (opt out with ``--no_chat_template``) and ``--log_samples``;
 * ``--output_path`` required: the run leaves ``OUT/<model>/results_<ts>.json`` (lm-eval's schema,

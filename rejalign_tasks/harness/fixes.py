@@ -61,6 +61,7 @@ _VC = "rejalign_tasks.harness.vllm_compat"
 _DISC = "rejalign_tasks.harness.discovery"
 _IDX = "rejalign_tasks.harness.index_cache"
 _ROUTE = "rejalign_tasks.harness.routing"
+_IMG = "rejalign_tasks.harness.vllm_images"
 
 FIXES: tuple[Fix, ...] = (
     Fix(
@@ -116,6 +117,14 @@ FIXES: tuple[Fix, ...] = (
         "becomes 'auto' (all requests at once)",
         check=f"{_VC}:check_evaluate_config",
         patch=f"{_VC}:patch_evaluate_config",
+    ),
+    Fix(
+        "vllm-images",
+        "lm_eval.evaluator",
+        "evaluate: `--model vllm` with image tasks runs them through lm-eval's vllm-vlm path "
+        "(processor, images, its chat template) on the same engine, text tasks as --model vllm",
+        check=f"{_IMG}:check",
+        patch=f"{_IMG}:patch",
     ),
     Fix(
         "modality-routing",
