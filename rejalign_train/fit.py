@@ -8,9 +8,11 @@ output folder holds a standard peft adapter (``adapter_model.safetensors``, load
 template, ``rejalign_manifest.json`` and, with ``--merge``, merged full weights in ``merged/``.
 
 The same command runs under ``accelerate launch`` or ``torchrun`` (DDP, DeepSpeed ZeRO-2/3, FSDP
-through the usual ``--deepspeed``/``--fsdp`` Trainer flags): only the main process touches the
-output folders, and the adapter is saved through ``Trainer.save_model``, which gathers sharded
-weights.
+through the usual ``--deepspeed``/``--fsdp``/``--fsdp_config`` Trainer flags): only the main
+process touches the output folders, and the adapter is gathered from the shards on every process
+and written by the main one (:func:`save_adapter`), in the single-process format, and checked
+(:func:`check_adapter`) before the folder is renamed into place. FSDP's auto-wrap gets the layer
+classes the model really has (:func:`configure_fsdp`).
 """
 
 from __future__ import annotations
@@ -188,6 +190,55 @@ def add_lora(model: nn.Module, model_args: ModelArguments) -> tuple[nn.Module, d
     return model, info
 
 
+def fsdp_layer_classes(model: nn.Module) -> list[str]:
+    """Class names of the repeated blocks FSDP should wrap (shard) one by one.
+
+    transformers' and peft's default is the model's ``_no_split_modules``, which for a VLM names
+    classes it does not have (LLaVA's lists ``CLIPTextEmbeddings``; its CLIP is vision-only), and
+    FSDP's auto-wrap then refuses to start. Only the classes the model really has are kept; a
+    model without ``_no_split_modules`` gets its language model's decoder layer class.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {type(m).__name__ for m in model.modules()}
+    names = sorted(n for n in (getattr(base, "_no_split_modules", None) or ()) if n in present)
+    if not names:
+        decoder = base.get_submodule(language_model_path(base))
+        layers = getattr(decoder, "layers", None)
+        if not layers:
+            raise FitError(
+                f"{type(base).__name__}: cannot tell which layers FSDP should wrap; name them with "
+                '--fsdp_config \'{"transformer_layer_cls_to_wrap": ["..."]}\''
+            )
+        names = [type(layers[0]).__name__]
+    return names
+
+
+def configure_fsdp(model: nn.Module, train_args: FitArguments) -> None:
+    """Make ``--fsdp``/``--fsdp_config`` work for a LoRA-wrapped VLM (no-op without FSDP).
+
+    * transformer auto-wrap gets the model's real block classes (see :func:`fsdp_layer_classes`)
+      unless ``--fsdp_config`` names them; peft's own FSDP1 policy for LoRA (each trainable
+      LoRA/projector layer in its own unit, so frozen and trainable weights never share a flat
+      parameter) reads them from ``FSDP_TRANSFORMER_CLS_TO_WRAP``, which is set to the same list.
+    """
+    plugin = getattr(train_args, "fsdp_plugin_args", None)
+    if not plugin:
+        return
+    config = train_args.fsdp_config if isinstance(train_args.fsdp_config, dict) else {}
+    if plugin.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") == "TRANSFORMER_BASED_WRAP":
+        names = plugin.get("transformer_cls_names_to_wrap")
+        if not names:
+            names = ",".join(fsdp_layer_classes(model))
+            plugin["transformer_cls_names_to_wrap"] = names
+            config["transformer_layer_cls_to_wrap"] = names.split(",")
+        os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", names)
+    logger.info(
+        "FSDP%s: wrapping %s",
+        plugin.get("fsdp_version", 2),
+        plugin.get("transformer_cls_names_to_wrap"),
+    )
+
+
 def end_of_turn_tokens(processor, model_name: str, trust_remote_code: bool) -> list[str]:
     """Tokens that end a reply: the tokenizer's EOS and the generation config's EOS ids."""
     tokenizer = processor.tokenizer
@@ -315,6 +366,57 @@ def _prepare_folders(final: Path, work: Path, train_args: FitArguments, is_main:
     return False
 
 
+def distributed_setup(trainer: Trainer) -> dict:
+    """How the run is spread over processes, for the manifest and the log."""
+    acc_state = trainer.accelerator.state
+    kind = getattr(acc_state.distributed_type, "value", str(acc_state.distributed_type))
+    setup: dict = {"type": kind, "backend": getattr(acc_state, "backend", None)}
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        setup["zero_stage"] = acc_state.deepspeed_plugin.zero_stage
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = acc_state.fsdp_plugin
+        setup["fsdp_version"] = getattr(plugin, "fsdp_version", 1)
+        setup["state_dict_type"] = str(plugin.state_dict_type).rsplit(".", 1)[-1]
+    return setup
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def save_adapter(trainer: Trainer, staging: Path) -> None:
+    """Write the adapter into ``staging``; every process must call it (the gathers are collective).
+
+    ``Trainer.save_model`` gathers ZeRO-3 and FSDP ``FULL_STATE_DICT`` shards, and writes from the
+    main process only. Under FSDP with ``state_dict_type: SHARDED_STATE_DICT`` (a fine choice for
+    the checkpoints) it writes nothing at all, so the final adapter is gathered in full here.
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state_dict_type = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+        if "FULL_STATE_DICT" not in state_dict_type:
+            state_dict = trainer.accelerator.get_state_dict(trainer.model)
+            trainer._save(str(staging), state_dict=state_dict)
+            return
+    trainer.save_model(str(staging))
+
+
+def check_adapter(staging: Path) -> None:
+    """The saved adapter is complete: both peft files, and every LoRA tensor non-empty."""
+    from safetensors import safe_open
+
+    missing = [name for name in ADAPTER_FILES if not (staging / name).is_file()]
+    if missing:
+        raise FitError(f"the trainer saved no {' or '.join(missing)} in {staging}")
+    with safe_open(staging / ADAPTER_FILES[0], "pt") as weights:
+        names = list(weights.keys())
+        empty = [n for n in names if 0 in weights.get_slice(n).get_shape()]
+    if not any(".lora_" in n for n in names) or empty:
+        raise FitError(
+            f"{staging / ADAPTER_FILES[0]}: incomplete adapter ("
+            + (f"empty tensors {', '.join(empty[:3])}" if empty else "no LoRA weights")
+            + "): the trainer gathered no weights from the shards"
+        )
+
+
 def _finalise(staging: Path, final: Path, work: Path) -> None:
     """Move the finished folder into place (the run's last act), then drop the work folder."""
     old = work / "previous"
@@ -364,6 +466,22 @@ def mix_manifest(data: Path) -> tuple[Path | None, dict | None]:
     return path, content
 
 
+def _init_deepspeed_comm() -> None:
+    """Let DeepSpeed see the process group before the model loads.
+
+    Under ZeRO-3 ``from_pretrained`` partitions the weights as it loads them
+    (``deepspeed.zero.Init``), and DeepSpeed sizes its batch from its own communication layer: when
+    accelerate started the process group itself (on CPUs, over gloo) that layer still reports a
+    world of 1 and the batch-size check fails ("train_batch_size is not equal to
+    micro_batch_per_gpu * gradient_acc_step * world_size 8 != 4 * 1 * 1"). It adopts the existing
+    group here.
+    """
+    import deepspeed.comm
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(auto_mpi_discovery=False)
+
+
 def fit(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -375,6 +493,8 @@ def fit(
 
     _ = train_args.device  # sets up the (distributed) state the Trainer will use
     state = PartialState()
+    if train_args.deepspeed and state.num_processes > 1:
+        _init_deepspeed_comm()
     final = Path(train_args.output_dir).expanduser().resolve()
     work = incomplete_dir(final)
     if _prepare_folders(final, work, train_args, state.is_main_process):
@@ -422,6 +542,7 @@ def fit(
     model, lora_info = add_lora(model, model_args)
     if train_args.gradient_checkpointing:
         model.enable_input_require_grads()
+    configure_fsdp(model, train_args)
 
     # Only now, with data and model known good, does the run leave a trace on disk.
     if state.is_main_process:
@@ -443,7 +564,17 @@ def fit(
         callbacks=[timer, *(callbacks or [])],
         projector_lr=model_args.projector_lr if model_args.train_projector else None,
     )
-    checkpoint = last_complete_checkpoint(work) if train_args.resume and work.exists() else None
+    distributed = distributed_setup(trainer)
+    if train_args.fsdp_plugin_args and distributed["type"] != "FSDP" and state.is_main_process:
+        logger.warning(
+            "--fsdp: accelerate turns FSDP on only with GPUs or other accelerators; this run "
+            "trains with DDP (%s) instead: the same adapter, without sharding",
+            distributed["type"],
+        )
+    checkpoint = None
+    if train_args.resume and work.exists():
+        checkpoint = last_complete_checkpoint(work, remove_partial=state.is_main_process)
+    state.wait_for_everyone()
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -452,8 +583,9 @@ def fit(
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
     state.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank: gathers ZeRO-3/FSDP shards
+    save_adapter(trainer, staging)  # every rank: gathers ZeRO-3/FSDP shards
     if state.is_main_process:
+        check_adapter(staging)
         processor.save_pretrained(staging)
         merged = None
         if train_args.merge:
@@ -496,6 +628,7 @@ def fit(
                 "log_history": trainer.state.log_history,
                 "resumed_from": Path(checkpoint).name if checkpoint else None,
                 "world_size": state.num_processes,
+                "distributed": distributed,
                 "seconds": getattr(timer, "seconds", None),
             },
             "versions": library_versions(),
@@ -559,10 +692,13 @@ def trainer_checkpoints(work: Path) -> tuple[list[Path], list[Path]]:
     return complete, [p for p in found if p not in complete]
 
 
-def last_complete_checkpoint(work: Path) -> str | None:
-    """The newest complete checkpoint; partial ones (a kill mid-save) are removed first."""
+def last_complete_checkpoint(work: Path, remove_partial: bool = True) -> str | None:
+    """The newest complete checkpoint; partial ones (a kill mid-save) are removed first.
+
+    In a distributed run every process asks, and only the main one removes (``remove_partial``).
+    """
     complete, partial = trainer_checkpoints(work)
-    for path in partial:
+    for path in partial if remove_partial else ():
         logger.warning("discarding %s: the checkpoint was cut short", path)
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     return str(complete[-1]) if complete else None
