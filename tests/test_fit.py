@@ -26,9 +26,10 @@ from rejalign_train.cli import main as cli_main
 from rejalign_train.collator import VisionChatCollator
 from rejalign_train.config import parse_fit_args
 from rejalign_train.dataset import prepare_samples
-from rejalign_train.fit import FitError, incomplete_dir, lora_target_modules
+from rejalign_train.fit import FitError, incomplete_dir
 from rejalign_train.manifest import MANIFEST_NAME, is_finished, read_manifest
 from rejalign_train.mixing import REFUSAL_SENTENCE
+from rejalign_train.model_setup import lora_target_modules
 from rejalign_train.records import iter_records
 from rejalign_train.synthetic import shape_records, write_jsonl
 

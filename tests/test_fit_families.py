@@ -26,9 +26,10 @@ from rejalign_train.chat import ChatRenderer
 from rejalign_train.cli import main as cli_main
 from rejalign_train.collator import IGNORE_INDEX, VisionChatCollator, load_rgb
 from rejalign_train.dataset import add_special_tokens_for, prepare_samples
-from rejalign_train.fit import end_of_turn_tokens, lora_target_modules, projector_path
+from rejalign_train.fit import end_of_turn_tokens
 from rejalign_train.manifest import read_manifest
 from rejalign_train.mixing import REFUSAL_SENTENCE
+from rejalign_train.model_setup import lora_target_modules, projector_path
 from rejalign_train.records import iter_records
 from rejalign_train.synthetic import write_jsonl
 
