@@ -80,6 +80,28 @@ def end_of_turn_tokens(processor, model_name: str, trust_remote_code: bool) -> l
     return [t for t in tokenizer.convert_ids_to_tokens(ids) if t] + [tokenizer.eos_token]
 
 
+def load_processor(model_name: str, trust_remote_code: bool = False):
+    """The model's processor; a clear error where transformers needs torchvision to build it.
+
+    transformers builds some processors (Qwen2-VL's and Qwen2.5-VL's, for their video processor)
+    only with torchvision, whose wheels pin one torch release: torchvision 0.(m+15) for torch 2.m.
+    """
+    try:
+        return AutoProcessor.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        minor = torch.__version__.split("+")[0].split(".")[1]
+        wanted = f"0.{int(minor) + 15}.*" if minor.isdigit() else "0.(m+15).* for torch 2.m"
+        cause = " ".join(str(exc).split()).split(". ")[0]
+        raise FitError(
+            f"{model_name}: transformers cannot build this model's processor without torchvision "
+            f"({cause}). Install the torchvision built for your torch {torch.__version__}: "
+            f"pip install 'torchvision=={wanted}' (keep torch's index, e.g. PyTorch's CPU index "
+            "for a +cpu torch); see the README, Install"
+        ) from exc
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -309,9 +331,7 @@ def fit(
         _check_resumable(work, spec)
     set_seed(train_args.seed)
 
-    processor = AutoProcessor.from_pretrained(
-        model_args.model, trust_remote_code=model_args.trust_remote_code
-    )
+    processor = load_processor(model_args.model, model_args.trust_remote_code)
     renderer = ChatRenderer(
         processor,
         end_of_turn_tokens(processor, model_args.model, model_args.trust_remote_code),

@@ -220,6 +220,149 @@ def build_tiny_causal_lm(out_dir: str | Path, *, seed: int = 0, hidden_size: int
     return out
 
 
+# The chat template of Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct, as published
+# in their chat_template.json on the Hugging Face Hub (the two are the same text): ChatML with a
+# default system prompt and <|vision_start|><|image_pad|><|vision_end|> for each image.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build_tiny_qwen2_vl(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    family: str = "qwen2_vl",
+    seed: int = 0,
+    whole_characters: bool = False,
+) -> Path:
+    """A tiny random Qwen2-VL (or Qwen2.5-VL) on Qwen's real tokenizer; return the directory.
+
+    ``tokenizer_dir`` holds Qwen's ``tokenizer.json`` (the shared data's ``tokenizers/qwen3``:
+    the Qwen2/2.5/3 BPE, whose special tokens <|endoftext|> 151643 ... <|video_pad|> 151656 have
+    the ids Qwen2-VL's configs name). Images are resized to sides that are multiples of 28 px,
+    56*56 to 112*112 px in all (4 to 16 image tokens); the language model has head_dim 64, which
+    vLLM's CPU attention needs. As in the published Instruct checkpoints, replies end with
+    <|im_end|>, the generation config stops at <|im_end|> and <|endoftext|>, and the pad token is
+    <|endoftext|>.
+
+    ``whole_characters`` zeroes the output-layer rows of tokens that decode to a partial UTF-8
+    character (and of special tokens other than the EOS), so that greedy completions of the random
+    model are whole characters, which every detokenizer prints alike.
+
+    Needs torchvision: transformers builds Qwen2-VL's processors (its video processor) with it.
+    """
+    import torch
+    import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    classes = {
+        "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+        "qwen2_5_vl": (
+            "Qwen2_5_VLConfig",
+            "Qwen2_5_VLForConditionalGeneration",
+            "Qwen2_5_VLProcessor",
+        ),
+    }
+    if family not in classes:
+        raise ValueError(f"family {family!r}: one of {', '.join(QWEN_FAMILIES)}")
+    Config, Model, Processor = (getattr(transformers, name) for name in classes[family])
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    processor = Processor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    if ids != {"image_token_id": 151655, "video_token_id": 151656,
+               "vision_start_token_id": 151652, "vision_end_token_id": 151653}:  # fmt: skip
+        raise ValueError(f"{tokenizer_dir}: not Qwen's vocabulary ({ids})")
+    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|>, <|endoftext|>
+    vision = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
+              "temporal_patch_size": 2}  # fmt: skip
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+    else:
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                      window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    config = Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "head_dim": 64,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [8, 12, 12],
+            },
+            "bos_token_id": tokenizer.pad_token_id,
+            "eos_token_id": eos[0],
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    if whole_characters:
+        banned = [
+            i
+            for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+            if "\ufffd" in text or (i in tokenizer.all_special_ids and i != eos[0])
+        ]
+        with torch.no_grad():
+            model.get_output_embeddings().weight[banned] = 0.0
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "rejalign_tiny.json").write_text(json.dumps({"kind": family, "seed": seed}))
+    return out
+
+
 if __name__ == "__main__":  # pragma: no cover - manual helper
     import sys
 
