@@ -3,6 +3,10 @@
 # passed with. .ci/floors.py pins every direct dependency (and the test and deepspeed extras)
 # exactly at its declared floor; everything else resolves as a user's pip would resolve it. Its
 # own Hugging Face cache: datasets' cache files are not shared across its versions.
+# Left out of this second pass (they ran in the first): test files that run wholly in the vLLM
+# environment's interpreter, whose versions this pass does not change (test_qwen2vl,
+# test_vllm_model_images), and the demo, which chains the same real commands test_sweep and
+# test_train_e2e run here. This keeps .ci/run within its time budget.
 # Usable on its own too, after .ci/run's set-up:  source .ci/lowest.sh
 
 _rejalign_lowest() {
@@ -19,7 +23,9 @@ _rejalign_lowest() {
     && "$low/bin/python" -m pip check \
     && "$low/bin/python" -m pip freeze --exclude-editable > "$low/freeze.txt" \
     && echo "lowest: $(tr '\n' ' ' < "$low/floors.txt")" \
-    && (cd "$root" && HF_HOME="$root/.ci-cache/hf-lowest" "$low/bin/python" -m pytest -q tests)
+    && (cd "$root" && HF_HOME="$root/.ci-cache/hf-lowest" "$low/bin/python" -m pytest -q tests \
+         --ignore tests/test_qwen2vl.py --ignore tests/test_vllm_model_images.py \
+         --ignore tests/test_demo.py)
 }
 
 _rejalign_lowest
