@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-tomllib = pytest.importorskip("tomllib")
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX_FIXTURES = Path(__file__).parent / "fixtures" / "mix"

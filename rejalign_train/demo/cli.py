@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from rejalign_tasks.console import CommandFailed, UsageError, run_command, split_config
+from rejalign_train.sweep.supervise import stop
 
 PROG = "rejalign-demo"
 DEFAULT_FRACTIONS = "0,0.1,0.3,1"
@@ -224,11 +225,7 @@ def run_sweep(config: Path, n_steps: int, *, verbose: bool) -> None:
                 bar.set_postfix_str(f"{done.group(1)} done")
         code = proc.wait()
     except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         raise
     finally:
         if bar is not None:

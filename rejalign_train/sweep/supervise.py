@@ -35,6 +35,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         os._exit(1)
 
 
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Terminate a child, and kill it if it has not exited after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_logged(cmd: list[str], log: Path, echo: bool, what: str) -> None:
     """Run ``cmd`` with its output in ``log`` (and on stdout with ``echo``); fail loudly.
 
@@ -61,11 +70,7 @@ def run_logged(cmd: list[str], log: Path, echo: bool, what: str) -> None:
                     sys.stdout.flush()
             code = proc.wait()
         except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
             raise
     if code != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
