@@ -32,6 +32,12 @@ Two modes share that algorithm:
 
 Both modes reject bad input that upstream would crash on, loop forever on, or silently train on:
 see :func:`rejalign_train.records.normalise`.
+
+VLGuard's ``train.json`` is read as a refusal source directly, converted as upstream's
+``convert_to_llava_format.py`` does (:mod:`rejalign_train.vlguard`; ``--vlguard_subset`` picks the
+ablations' subsets), so that ``--official`` on it equals upstream's two steps. The refusal
+records' images can be replaced by blank or noise images, or dropped (``--refusal_images``,
+:mod:`rejalign_train.image_ablation`); the manifest records both.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ from typing import Any, Literal
 
 from rejalign_tasks.console import run_command, split_config
 from rejalign_tasks.contracts import IMAGE_PLACEHOLDER, REFUSAL_SENTENCE, write_text_atomic
+from rejalign_train.image_ablation import ImageAblation, ImageMode
 from rejalign_train.record_writer import layout_for, write_records
 from rejalign_train.records import RecordError, RecordFile, check_placeholders, normalise
+from rejalign_train.vlguard import Subset, VLGuardSource, open_refusal_source
 
 # Upstream's turn-choice rule skips human turns containing this (case-insensitive): follow-up
 # questions ("What about the left one?") make no sense once the earlier turns are cut away.
@@ -143,6 +151,21 @@ class MixArguments:
         default="llava",
         metadata={"help": "Output record format in the default mode (LLaVA or messages)."},
     )
+    vlguard_subset: Subset = field(
+        default="all",
+        metadata={
+            "help": "With VLGuard's train.json as --refusal_source (converted as upstream's "
+            "convert_to_llava_format.py does): all, unsafes (unsafe images), safe_unsafes (safe "
+            "images' unsafe instruction only) or contrastive (safe images with both pairs)."
+        },
+    )
+    refusal_images: ImageMode = field(
+        default="keep",
+        metadata={
+            "help": "Images of the refusal records: keep, blank (one white image), noise (seeded "
+            "noise per image) or drop (text only); generated images go to <stem>.images/."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.sentences = self._load_sentences()
@@ -213,6 +236,8 @@ class MixResult:
 
     records: list[dict]
     manifest: dict[str, Any]
+    ablation: ImageAblation | None = None
+    image_files: list[Path] = field(default_factory=list)  # what the ablation wrote
 
 
 def _draw(rng: random.Random, n: int, k: int) -> list[int]:
@@ -358,7 +383,7 @@ def mix(args: MixArguments) -> MixResult:
     want1, want2 = args.sizes
     inputs: dict[str, Any] = {}
 
-    with RecordFile(args.refusal_source, sha256=True) as source1:
+    with open_refusal_source(args.refusal_source, args.vlguard_subset) as source1:
         n1 = len(source1)
         if args.official:
             k1 = min(want1, n1)
@@ -376,6 +401,8 @@ def mix(args: MixArguments) -> MixResult:
         ]
         drawn_ids = {raw.get("id") for raw in raws1} - {None}
         inputs["refusal"] = _source_info(source1)
+        if isinstance(source1, VLGuardSource):
+            inputs["refusal"]["vlguard"] = source1.info()
 
     raws2: list[dict] = []
     checked2: list[dict] = []
@@ -421,6 +448,10 @@ def mix(args: MixArguments) -> MixResult:
             for rec, s, i in zip(checked1, sentences, picks1, strict=True)
         ]
         combined = refusals + checked2
+    # The ablation edits the refusal records in draw order; it draws nothing from ``rng``.
+    ablation = ImageAblation(args.refusal_images, Path(args.output), args.seed)
+    for position, record in enumerate(refusals):
+        (ablation.apply_raw if args.official else ablation.apply_record)(record, position)
     rng.shuffle(combined)
 
     total = len(combined)
@@ -444,10 +475,12 @@ def mix(args: MixArguments) -> MixResult:
         "similar": args.similar,
         "normal_records_excluded_by_id": excluded,
         "record_format": "upstream" if args.official else args.record_format,
+        "vlguard_subset": args.vlguard_subset,
+        "refusal_images": ablation.info(),
         "inputs": inputs,
         "arguments": {k: v for k, v in asdict(args).items()},
     }
-    return MixResult(combined, manifest)
+    return MixResult(combined, manifest, ablation)
 
 
 def write_mix(args: MixArguments, result: MixResult) -> tuple[Path, Path]:
@@ -459,6 +492,8 @@ def write_mix(args: MixArguments, result: MixResult) -> tuple[Path, Path]:
     if not result.records:
         raise MixError("the mix is empty (0 records asked for): nothing to write")
     manifest_file.unlink(missing_ok=True)
+    if result.ablation is not None:
+        result.image_files = result.ablation.write()
     written = write_records(
         output, result.records, record_format=None if args.official else args.record_format
     )
