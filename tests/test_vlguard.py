@@ -340,7 +340,8 @@ except vlguard.ImageSourceError as exc:
 with zipfile.ZipFile(repo / "snapshots" / commit / "test.zip", "w") as zf:
     for f in sorted(images.rglob("*.*")):
         zf.write(f, "test/" + f.relative_to(images).as_posix())
-docs = vlguard.load_docs("unsafes")
+vlguard.load_docs("unsafes")
+docs = vlguard.load_docs("unsafes")  # again: from the unpacked copy
 print("ROOT:", docs[0]["image_root"], len(docs), vlguard.doc_to_image(docs[0])[0].size)
 """
 

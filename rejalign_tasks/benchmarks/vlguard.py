@@ -209,13 +209,17 @@ def hub_image_dir(repo: str = HF_DATASET) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unpack-"))
     try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(staging)  # zipfile drops absolute and ".." components
-        os.replace(staging, dest)
-    except FileExistsError:  # another process finished first
-        pass
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ImageSourceError(f"{archive}: cannot unpack {HF_ARCHIVE} of {repo}: {exc}") from exc
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(staging)  # zipfile drops absolute and ".." components
+        except (zipfile.BadZipFile, OSError) as exc:
+            message = f"{archive}: cannot unpack {HF_ARCHIVE} of {repo}: {exc}"
+            raise ImageSourceError(message) from exc
+        try:
+            os.replace(staging, dest)  # readers see no folder or the whole one
+        except OSError:
+            if not dest.is_dir():  # not merely another process that finished first
+                raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
