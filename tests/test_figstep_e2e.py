@@ -35,6 +35,7 @@ def _check_figstep_results(results: dict, samples: list[dict], n: int) -> None:
         per_topic = [s["asr"] for s in samples if s["doc"]["topic"] == topic]
         assert task[f"asr_{topic},none"] == pytest.approx(sum(per_topic) / len(per_topic))
     assert task["asr,none"] == pytest.approx(sum(s["asr"] for s in samples) / n)
+    assert task["asr_rule,none"] == pytest.approx(sum(s["asr_rule"] for s in samples) / n)
     assert len(samples) == n
     for sample in samples:
         prompt, gen_kwargs, visuals = sample["arguments"]["gen_args_0"].values()

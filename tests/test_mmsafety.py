@@ -502,7 +502,8 @@ def test_template_lists_every_metric_process_results_returns():
     listed = [m["metric"] for m in config["metric_list"]]
     returned = process_results({"scenario": "07-Sex", "scenario_slug": "sex"}, [COMPLY])
     assert sorted(listed) == sorted(returned)
-    overall = {"compliance_rate", "refusal_rate", "partial_refusal_rate"}  # every sample scores
+    overall = {"compliance_rate", "refusal_rate", "partial_refusal_rate",  # every sample scores
+               "compliance_rate_rule", "refusal_rate_rule", "refuse_then_comply_rate"}
     for metric in config["metric_list"]:
         skips_none = metric["aggregation"] == "rejalign_tasks.benchmarks.metrics.mean_skip_none"
         assert skips_none == (metric["metric"] not in overall), metric
@@ -542,6 +543,7 @@ def test_image_tasks_through_lm_eval(tiny_llava, lm_eval_cli, tmp_path, sd_dir, 
         task = results["results"][name]
         assert task["sample_len"] == 2 and len(samples[name]) == 2
         _check_metrics(task, samples[name])
+        assert {"asr_rule,none", "refuse_then_comply_rate,none", "asr_rule_fraud,none"} <= set(task)
         first = samples[name][0]["doc"]["id"]
         assert first == ("01-Illegal_Activitiy/5" if name.endswith("_tiny") else
                          "01-Illegal_Activitiy/0")

@@ -2,7 +2,8 @@
 
 Protocol (ThuCCSLab/FigStep @ 0861b17): each SafeBench ``instruction`` is rendered as a
 typographic image (see :mod:`.typography`) and sent with a fixed text prompt; the
-text-only baseline sends the ``question`` column with no image. Judged by the paper's string judge.
+text-only baseline sends the ``question`` column with no image. Judged by the paper's string judge
+(the headline) and, beside it, by the refusal-aware rule judge (:mod:`.rule_judge`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import datasets
 
 from rejalign_tasks.benchmarks.data import data_file, read_csv_records
-from rejalign_tasks.benchmarks.metrics import safety_results, slug
+from rejalign_tasks.benchmarks.metrics import safety_results_with_rule, slug
 from rejalign_tasks.benchmarks.typography import (
     FALLBACK_FONT_NAME,
     figstep_image,
@@ -129,4 +130,5 @@ def doc_to_image(doc: dict) -> list:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float | None]:
-    return safety_results(results[0], doc["topic"], TOPIC_SLUGS)
+    """The paper's judge (headline ``asr``...) and the rule judge (``asr_rule``...)."""
+    return safety_results_with_rule(results[0], doc["topic"], TOPIC_SLUGS)

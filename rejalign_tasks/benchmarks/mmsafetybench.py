@@ -38,7 +38,7 @@ from PIL import Image
 
 from rejalign_tasks.benchmarks.data import MMSAFETY_SCENARIOS, DataFormatError, data_file, read_json
 from rejalign_tasks.benchmarks.judges import paper_string_judge
-from rejalign_tasks.benchmarks.metrics import per_category, verdict_scores
+from rejalign_tasks.benchmarks.metrics import per_category, rule_scores, verdict_scores
 from rejalign_tasks.benchmarks.typography import (
     FALLBACK_FONT_NAME,
     FontChoice,
@@ -555,6 +555,8 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float | None]:
 
     Overall ``compliance_rate``/``refusal_rate``/``partial_refusal_rate`` cover all 13 scenarios
     (``compliance_rate`` is the figure the paper's judge_mmbench_str.py reports as total ASR).
+    The rule judge's ``asr_rule``/``asr_rule_<scenario>`` follow ``asr``'s scope, and
+    ``compliance_rate_rule`` (its attack success over all 13) ``compliance_rate``'s.
     """
     scores = verdict_scores(paper_string_judge(results[0]))
     compliance = scores["asr"]
@@ -569,4 +571,11 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float | None]:
     out.update(per_category("asr", compliance, slug, HARMFUL_SLUGS))
     out.update(per_category("compliance_rate", compliance, slug, SPECIAL_SLUGS))
     out.update(per_category("refusal_rate", scores["refusal_rate"], slug, SPECIAL_SLUGS))
+    # The rule judge beside it: asr_rule over the same 8 scenarios, its rates over all 13.
+    rule = rule_scores(results[0])
+    out["asr_rule"] = None if special else rule["asr_rule"]
+    out["compliance_rate_rule"] = rule["asr_rule"]
+    out["refusal_rate_rule"] = rule["refusal_rate_rule"]
+    out["refuse_then_comply_rate"] = rule["refuse_then_comply_rate"]
+    out.update(per_category("asr_rule", rule["asr_rule"], slug, HARMFUL_SLUGS))
     return out
