@@ -43,8 +43,15 @@ COMMANDS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--model", "m", "--refusal_source", "r.json", "--output_dir", "o", "--total", "4"],
     ),
     "rejalign-demo": ("rejalign-demo", [], ["--output-dir", "o"]),
+    "rejalign-judge": ("rejalign-judge", [], ["runs", "--judge", "llama-guard-3"]),
 }
-TAKE_CONFIG_FILES = ("rejalign-train mix", "rejalign-train fit", "rejalign-sweep", "rejalign-demo")
+TAKE_CONFIG_FILES = (
+    "rejalign-train mix",
+    "rejalign-train fit",
+    "rejalign-sweep",
+    "rejalign-demo",
+    "rejalign-judge",
+)
 
 
 def run_script(command: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

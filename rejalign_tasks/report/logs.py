@@ -27,6 +27,7 @@ from rejalign_tasks.benchmarks.data import DataFormatError, read_json
 from rejalign_tasks.benchmarks.metrics import mean_skip_none
 from rejalign_tasks.contracts import MANIFEST_NAME
 from rejalign_tasks.report.errors import ReportInputError
+from rejalign_tasks.report.judged import attach_judged, merge_judged_samples
 from rejalign_tasks.report.manifests import (
     find_manifest,
     manifest_refusal_fraction,
@@ -73,6 +74,7 @@ class TaskRun:
     config: dict[str, Any]  # results["configs"][task]
     n_original: int | None
     n_effective: int | None
+    judged: dict[str, Path] = field(default_factory=dict)  # judge -> judged samples copy
     _samples: list[dict] | None = field(default=None, repr=False)
 
     @property
@@ -88,6 +90,7 @@ class TaskRun:
         """The per-sample log lines of one filter, checked for count and unique doc ids."""
         if self._samples is None:
             self._samples = read_samples(self.samples_file)
+            merge_judged_samples(self, self._samples)
         lines = [s for s in self._samples if s.get("filter", "none") == filter_name]
         if not lines:
             filters = sorted({str(s.get("filter")) for s in self._samples})
@@ -262,8 +265,12 @@ def find_results_files(path: Path) -> list[Path]:
     return files
 
 
-def load_results_file(path: Path) -> tuple[str, dict[str, Any], list[TaskRun]]:
-    """Read one results file; check it and that every task's per-sample log is beside it."""
+def load_results_file(
+    path: Path, judged: bool = True
+) -> tuple[str, dict[str, Any], list[TaskRun]]:
+    """Read one results file; check it and that every task's per-sample log is beside it.
+
+    ``judged``: also merge the ``rejalign-judge`` metrics beside it (:mod:`.judged`)."""
     try:
         data = read_json(path)
     except DataFormatError as exc:
@@ -307,6 +314,8 @@ def load_results_file(path: Path) -> tuple[str, dict[str, Any], list[TaskRun]]:
                 n_effective=counts.get("effective"),
             )
         )
+    if judged:
+        attach_judged(runs)
     return backend, model_args, runs
 
 

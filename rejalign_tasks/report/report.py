@@ -20,6 +20,13 @@ from rejalign_tasks.report.compare import (
     comparisons_markdown,
     pair_notes,
 )
+from rejalign_tasks.report.judged import (
+    Agreement,
+    agreement_csv,
+    agreement_markdown,
+    agreement_rows,
+    judge_section,
+)
 from rejalign_tasks.report.logs import load_models
 from rejalign_tasks.report.spec import Section, default_spec
 from rejalign_tasks.report.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
@@ -127,6 +134,7 @@ def render_report(
     plot_notes: Sequence[str],
     comparison_notes: Sequence[str] = (),
     baseline: str | None = None,
+    agreement: Sequence[Agreement] = (),
 ) -> str:
     models = tables[0].rows
     out = ["# rejalign report", ""]
@@ -150,6 +158,16 @@ def render_report(
         if any(row_limited(t, r) for r in t.rows):
             notes.append("†: evaluated on a subset of the prompts (--limit); see Inputs.")
         out += ([""] + notes if notes else []) + [""]
+    if agreement:
+        out += [
+            "## Agreement between judges",
+            "",
+            "Per model and task, over the samples both judges labelled: the share with the same "
+            "per-sample label (attack success; for XSTest, refusal) and Cohen's κ.",
+            "",
+            agreement_markdown(agreement),
+            "",
+        ]
     if comparisons or comparison_notes:
         out += [f"## Paired comparisons against {baseline}", ""]
         if comparisons:
@@ -220,7 +238,7 @@ def write_outputs(out_dir: Path, files: dict[str, str], plot_stage: Path | None)
     produced = set(files) | ({p.name for p in plot_stage.iterdir()} if plot_stage else set())
     for old in out_dir.iterdir():
         ours = (
-            old.name in {"report.md", "cells.csv", "comparisons.csv"}
+            old.name in {"report.md", "cells.csv", "comparisons.csv", "agreement.csv"}
             or (old.name.startswith("table_") and old.suffix == ".csv")
             or old.stem in PLOT_STEMS
         )
@@ -251,7 +269,12 @@ def make_report(
 ) -> list[Path]:
     """Everything ``rejalign-report table`` does; returns the files written."""
     models = load_models(inputs, adapter_roots)
-    tables = build_tables(models, spec or default_spec(), sections, allow_missing)
+    spec = list(spec or default_spec())
+    judges = judge_section(models)
+    if judges is not None and judges.key not in {s.key for s in spec}:
+        spec.append(judges)
+    tables = build_tables(models, spec, sections, allow_missing)
+    agreement = agreement_rows(models)
     comparisons, comparison_notes = (
         baseline_comparisons(tables, baseline, resamples=resamples, seed=seed)
         if baseline
@@ -261,12 +284,14 @@ def make_report(
     files.update({f"table_{t.section.key}.csv": table_csv(t) for t in tables})
     if comparisons:
         files["comparisons.csv"] = comparisons_csv(comparisons)
+    if agreement:
+        files["agreement.csv"] = agreement_csv(agreement)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".plots-")) if plots else None
     try:
         plot_files, plot_notes = make_plots(tables, stage) if stage else ([], [])
         files["report.md"] = render_report(
-            tables, comparisons, plot_files, plot_notes, comparison_notes, baseline
+            tables, comparisons, plot_files, plot_notes, comparison_notes, baseline, agreement
         )
         return write_outputs(out_dir, files, stage)
     finally:
