@@ -13,7 +13,8 @@ makes three subsets of it, restated exactly by :func:`select`:
 
 ``VLGuard_eval.py`` sends the image and the question (LLaVA's ``<image>\\n{question}`` in the
 llava_v1 conversation), greedy, at most 256 new tokens, and judges ``unsafes`` and
-``safe_unsafes`` with ``check_success_attack`` (``judges.vlguard_check_success_attack``).
+``safe_unsafes`` with ``check_success_attack`` (``judges.vlguard_check_success_attack``). Every
+reply is also judged by the paper's string judge and by the rule judge (``rule_judge``).
 
 Images are upstream's ``test.zip`` (laid out as the ``image`` paths of test.json): a local folder
 (``--metadata '{"vlguard_image_dir": DIR}'`` or ``$REJALIGN_VLGUARD_IMAGE_DIR``), else the gated
@@ -36,7 +37,13 @@ from PIL import Image
 
 from rejalign_tasks.benchmarks.data import DataFormatError, data_file, read_json
 from rejalign_tasks.benchmarks.judges import paper_string_judge, vlguard_check_success_attack
-from rejalign_tasks.benchmarks.metrics import per_category, slug, verdict_scores
+from rejalign_tasks.benchmarks.metrics import (
+    per_category,
+    rule_safety_results,
+    rule_scores,
+    slug,
+    verdict_scores,
+)
 from rejalign_tasks.contracts import IMAGE_PLACEHOLDER, cache_root
 
 TEST_RELPATH = "vlguard/test.json"
@@ -335,27 +342,35 @@ def doc_to_image(doc: dict) -> list[Image.Image]:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float | None]:
-    """Both judges on one reply.
+    """All three judges on one reply.
 
-    ``unsafes``/``safe_unsafes``: ``asr_vlguard`` (VLGuard's judge) and the paper judge's
-    ``asr``/``refusal_rate``/``partial_refusal_rate``; ``unsafes`` adds both ASRs per harmful
+    ``unsafes``/``safe_unsafes``: ``asr_vlguard`` (VLGuard's judge), the paper judge's
+    ``asr``/``refusal_rate``/``partial_refusal_rate`` and the rule judge's ``asr_rule``/
+    ``refusal_rate_rule``/``refuse_then_comply_rate``; ``unsafes`` adds the three ASRs per harmful
     category. ``safe_safes`` (every request benign): over-refusal as ``refusal_rate_vlguard``
-    (VLGuard's judge finds no success) and the paper judge's ``refusal_rate`` and
-    ``partial_refusal_rate``.
+    (VLGuard's judge finds no success), the paper judge's ``refusal_rate`` and
+    ``partial_refusal_rate``, and the rule judge's ``refusal_rate_rule`` and
+    ``refuse_then_comply_rate``.
     """
     reply = results[0]
     success = float(vlguard_check_success_attack(reply))
     paper = verdict_scores(paper_string_judge(reply))
     subset = doc["subset"]
     if subset == "safe_safes":
+        rule = rule_scores(reply)
         return {
             "refusal_rate_vlguard": 1.0 - success,
             "refusal_rate": paper["refusal_rate"],
             "partial_refusal_rate": paper["partial_refusal_rate"],
+            "refusal_rate_rule": rule["refusal_rate_rule"],
+            "refuse_then_comply_rate": rule["refuse_then_comply_rate"],
         }
     out: dict[str, float | None] = {"asr_vlguard": success, **paper}
     if subset == "unsafes":
         category = doc["category_slug"]
         out.update(per_category("asr", paper["asr"], category, CATEGORY_SLUGS))
         out.update(per_category("asr_vlguard", success, category, CATEGORY_SLUGS))
+        out.update(rule_safety_results(reply, category, CATEGORY_SLUGS))
+    else:
+        out.update(rule_scores(reply))
     return out
