@@ -1,5 +1,8 @@
 """``mix --refusal_images``: the refusal records' images replaced by blank or noise, or dropped.
 
+(And ``--refusal_image_root``: the kept images' paths made absolute from another folder, so that
+a refusal source whose images sit elsewhere mixes with normal data under fit's one image root.)
+
 The paper claims that image content contributes little to what safety finetuning teaches. The
 ablation keeps every refusal record (same draw, same turns, same order) and changes only its
 images: ``blank`` (one white image shared by all), ``noise`` (one uniform RGB noise image per
@@ -48,6 +51,7 @@ class ImageAblation:
     mode: ImageMode
     output: Path
     seed: int
+    root: str | None = None  # keep: the folder the kept images' relative paths start from
     planned: dict[Path, tuple[str, int, int]] = field(default_factory=dict)
     records_changed: int = 0
 
@@ -64,11 +68,17 @@ class ImageAblation:
         return str(path)
 
     def _new_images(self, images: list[str], position: int) -> list[str]:
+        if self.mode == "keep":
+            base = Path(self.root).expanduser().resolve()  # type: ignore[arg-type]
+            return [str(base / p) for p in images]  # an absolute path stays as it is
         return [self._replacement(position, j) for j in range(len(images))]
+
+    def _active(self) -> bool:
+        return self.mode != "keep" or self.root is not None
 
     def apply_raw(self, raw: dict, position: int) -> dict:
         """An upstream-layout LLaVA record (``image`` a path or a list), edited in place."""
-        if self.mode == "keep" or not raw.get("image"):
+        if not self._active() or not raw.get("image"):
             return raw
         self.records_changed += 1
         image = raw["image"]
@@ -85,7 +95,7 @@ class ImageAblation:
 
     def apply_record(self, record: dict, position: int) -> dict:
         """A normalised record (``images`` and ``messages``), edited in place."""
-        if self.mode == "keep" or not record["images"]:
+        if not self._active() or not record["images"]:
             return record
         self.records_changed += 1
         if self.mode == "drop":
@@ -121,6 +131,7 @@ class ImageAblation:
         """What the manifest says about the ablation."""
         return {
             "mode": self.mode,
+            "root": str(Path(self.root).expanduser().resolve()) if self.root else None,
             "records_changed": self.records_changed,
             "size": list(SIZE) if self.mode in ("blank", "noise") else None,
             "folder": str(self.folder) if self.planned else None,

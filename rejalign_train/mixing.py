@@ -166,6 +166,13 @@ class MixArguments:
             "noise per image) or drop (text only); generated images go to <stem>.images/."
         },
     )
+    refusal_image_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder the refusal source's image paths are relative to, when it is not "
+            "fit's --image_root (VLGuard's train/ beside LLaVA's data): written as absolute paths."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.sentences = self._load_sentences()
@@ -449,7 +456,9 @@ def mix(args: MixArguments) -> MixResult:
         ]
         combined = refusals + checked2
     # The ablation edits the refusal records in draw order; it draws nothing from ``rng``.
-    ablation = ImageAblation(args.refusal_images, Path(args.output), args.seed)
+    ablation = ImageAblation(
+        args.refusal_images, Path(args.output), args.seed, args.refusal_image_root
+    )
     for position, record in enumerate(refusals):
         (ablation.apply_raw if args.official else ablation.apply_record)(record, position)
     rng.shuffle(combined)

@@ -316,3 +316,23 @@ def test_a_rerun_without_ablation_removes_stale_images(tmp_path):
     assert not images_dir(out).exists()
     assert manifest["refusal_images"]["mode"] == "keep"
     assert all(not Path(r["image"]).is_absolute() for r in records)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_refusal_image_root_makes_the_refusal_images_absolute(tmp_path, official):
+    """VLGuard's images sit in its train/ folder, the normal data's under fit's --image_root."""
+    name = "mixed.json" if official else "mixed.jsonl"
+    mode = ["--official"] if official else []
+    common = [*mode, "--normal-source", NORMAL, "--num-normal", 3]
+    kept, _, _ = _default_mix(tmp_path / "a", SMALL, 4, *common, name=name)
+    root = tmp_path / "VLGuard" / "train"
+    records, manifest, _ = _default_mix(
+        tmp_path / "b", SMALL, 4, *common, "--refusal-image-root", root, name=name
+    )
+    assert manifest["refusal_images"]["root"] == str(root.resolve())
+    assert manifest["refusal_images"]["records_changed"] == 4
+    for before, after in zip(kept, records, strict=True):
+        if str(before["id"]).startswith(("Ads", "HOD", "Priv", "Safe")):
+            assert after["image"] == str(root.resolve() / before["image"])
+        else:
+            assert after == before

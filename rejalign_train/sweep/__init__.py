@@ -3,7 +3,10 @@
 For each refusal fraction the sweep mixes the training data (``rejalign-train mix``), fine-tunes
 the model on it (``rejalign-train fit``) and evaluates the adapter (``rejalign-eval``); the base
 model is evaluated once as the reference; then ``rejalign-report`` draws the table and the
-figures over all of them. Every step has its own folder::
+figures over all of them. Named arms (``arms:`` in the YAML: other sources, sizes and mix
+options, e.g. VLGuard against LLaVA-Med) are rows too, run the same way in ``OUT/NAME/``;
+``--recipe paper_comparison`` is the paper's comparison shipped as such a file. Every step has
+its own folder::
 
     OUT/sweep.json                     the configuration of the latest run
     OUT/frac-0.10/mix/                 mixed.jsonl + mixed.manifest.json
@@ -30,6 +33,8 @@ The modules, each importable on its own (nothing is re-exported here, so ``--hel
 
 * ``options``   -- ``SweepArguments``, parsing, the ``--mix.X/--fit.X/--eval.X`` pass-through,
   the checks run before the first step;
+* ``arms``      -- ``Row``: a fraction or a named arm, and the arms' checks;
+* ``recipes``   -- the configurations shipped in ``rejalign_train/recipes`` and ``--set``;
 * ``cache``     -- ``StepCache``: the step markers and the digests they hold;
 * ``supervise`` -- subprocesses with log files that die with the sweep; one sweep per folder;
 * ``pipeline``  -- ``Sweep``: the steps in order;

@@ -25,6 +25,7 @@ from rejalign_tasks.console import (
     load_config_file,
 )
 from rejalign_tasks.contracts import REFUSAL_SENTENCE
+from rejalign_train.sweep.arms import Row, arm_sizing, check_arms, row_mix_argv
 
 PROG = "rejalign-sweep"
 BASE_LABEL = "base"
@@ -92,23 +93,39 @@ class SweepArguments:
     model: str = field(
         metadata={"help": "Base VLM: a Hub id or a folder (what `rejalign-train fit` takes)."}
     )
-    refusal_source: str = field(
-        metadata={"help": "Records whose replies become refusals (paper: LLaVA-Med)."}
-    )
     output_dir: str = field(metadata={"help": "The sweep's folder (created; reruns resume it)."})
-    total: int = field(
+    refusal_source: str | None = field(
+        default=None,
+        metadata={"help": "Records whose replies become refusals (paper: LLaVA-Med)."},
+    )
+    total: int | None = field(
+        default=None,
         metadata={
             "help": "Records in each mix: round(fraction x total) refusals (ties to even), "
             "the rest normal records."
-        }
+        },
     )
     normal_source: str | None = field(
         default=None,
         metadata={"help": "Normal instruction data, kept as is (paper: LLaVA v1.5 mix665k)."},
     )
-    fractions: list[str] = field(
-        default_factory=lambda: list(DEFAULT_FRACTIONS),
-        metadata={"help": "Refusal fractions in [0, 1], comma- or space-separated."},
+    fractions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Refusal fractions in [0, 1], comma- or space-separated (default: "
+            f"{','.join(DEFAULT_FRACTIONS)}; none when the configuration has arms:)."
+        },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A sweep configuration shipped with rejalign (paper_comparison: base, "
+            "VLGuard and LLaVA-Med arms); its data paths come from --set."
+        },
+    )
+    set: list[str] | None = field(
+        default=None,
+        metadata={"help": "KEY=VALUE for each ${KEY} of the --recipe (or configuration file)."},
     )
     image_root: str | None = field(
         default=None,
@@ -202,7 +219,9 @@ class SweepConfig:
 
     args: SweepArguments
     passthrough: dict[str, list[str]]
+    arms: list[dict] = field(default_factory=list)  # the configuration's arms: (checked shape)
     fractions: list[float] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # the trained rows: fractions, then arms
     image_root: Path | None = None
     mix_official: bool = False  # upstream's layout: the mix is written as .json
     refusal_sentence: str | None = None  # a custom single sentence of the mix, for fit
@@ -355,23 +374,39 @@ def parse_args(argv: list[str]) -> SweepConfig:
         "run). A YAML/JSON file given first sets any option above, and mix:, fit: and eval: "
         "mappings of tool options; flags after it override it.",
     )
+    from rejalign_train.sweep.recipes import RecipeError, load_recipe, recipe_args, substitute
+
     passthrough: dict[str, list[str]] = {s: [] for s in SECTIONS}
     path = config_file_arg(argv)
-    if path is not None:
-        try:
-            config = load_config_file(path)
-            # The tools' sections are the sweep's to route; the rest are the sweep's options.
+    recipe, sets = recipe_args(argv)
+    arms: list[dict] = []
+    try:
+        if path is not None and recipe is not None:
+            raise SweepError(
+                f"{path} and --recipe {recipe}: give one (options of your own go as flags, "
+                "fit's in --fit-config)"
+            )
+        config = None
+        if path is not None:
+            config = substitute(load_config_file(path), sets, str(path))
+            argv = argv[1:]
+        elif recipe is not None:
+            config, path = load_recipe(recipe, sets), f"recipe {recipe}"
+        elif sets:
+            raise SweepError("--set fills in a --recipe's (or a configuration file's) ${KEY}s")
+        if config is not None:
+            # The tools' sections and the arms are the sweep's to route; the rest are options.
             for section in SECTIONS:
                 passthrough[section] += section_argv(section, config.pop(section, None))
+            arms = check_arms(config.pop("arms", None), SweepError)
             apply_config_defaults(
                 parser, config, path, hint=" (tools' options go in mix:, fit: or eval: sections)"
             )
-        except UsageError as exc:
-            raise SweepError(str(exc)) from None
-        argv = argv[1:]
+    except (UsageError, RecipeError) as exc:
+        raise SweepError(str(exc)) from None
     args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     route_remaining(rest, passthrough)
-    return SweepConfig(args, passthrough)
+    return SweepConfig(args, passthrough, arms)
 
 
 @contextlib.contextmanager
@@ -399,16 +434,23 @@ def _unknown_options(parser: Any, argv: list[str], what: str) -> None:
 def check_config(cfg: SweepConfig) -> None:
     """Everything that can be checked before the first step runs, not hours later."""
     args = cfg.args
-    cfg.fractions = parse_fractions(args.fractions)
-    if args.total < 1:
+    fractions = args.fractions
+    if fractions is None:
+        fractions = [] if cfg.arms else list(DEFAULT_FRACTIONS)
+    cfg.fractions = parse_fractions(fractions) if fractions else []
+    if args.total is not None and args.total < 1:
         raise SweepError(f"--total must be at least 1, got {args.total}")
+    if cfg.fractions and (args.total is None or not args.refusal_source):
+        raise SweepError("--fractions need --refusal-source and --total")
     check_reserved(cfg.passthrough)
     for option in ("refusal_source", "normal_source", "fit_config", "report_spec"):
         value = getattr(args, option)
         if value is not None and not Path(value).expanduser().is_file():
             raise SweepError(f"--{option.replace('_', '-')} {value}: file not found")
-    cfg.image_root = _image_root(args)
-    rows = ([BASE_LABEL] if args.base else []) + [fraction_label(f) for f in cfg.fractions]
+    if args.refusal_source:
+        cfg.image_root = _image_root(args.image_root, (args.refusal_source, args.normal_source))
+    rows = [BASE_LABEL] if args.base else []
+    rows += [fraction_label(f) for f in cfg.fractions] + [arm["name"] for arm in cfg.arms]
     cfg.baseline = args.baseline or (BASE_LABEL if args.base else None)
     if cfg.baseline is not None and cfg.baseline.lower() == "none":
         cfg.baseline = None
@@ -426,7 +468,7 @@ def check_config(cfg: SweepConfig) -> None:
             json.loads(args.metadata)
         except ValueError as exc:
             raise SweepError(f"--metadata: not JSON ({exc})") from None
-    _check_mix_options(cfg)
+    _check_rows(cfg)
     _check_fit_options(cfg)
     from rejalign_tasks.harness.cli import lm_eval_run_parser
 
@@ -435,14 +477,61 @@ def check_config(cfg: SweepConfig) -> None:
         _unknown_options(run_parser, cfg.passthrough["eval"], "eval")
 
 
-def _check_mix_options(cfg: SweepConfig) -> None:
-    """Each fraction's mix options through mix's own parser; what fit must know of them."""
-
-    for f in cfg.fractions:
-        mix_args = mix_arguments(cfg, f, cfg.root / "check.jsonl")
-    cfg.mix_official = mix_args.official
-    if len(mix_args.sentences) == 1 and mix_args.sentences[0] != REFUSAL_SENTENCE:
-        cfg.refusal_sentence = mix_args.sentences[0]
+def _check_rows(cfg: SweepConfig) -> None:
+    """The trained rows: one per fraction, one per arm (sources, sizes and image root)."""
+    args = cfg.args
+    cfg.rows = [
+        Row(
+            fraction_label(f),
+            {"fraction": f, "total": args.total},
+            args.refusal_source,
+            args.normal_source,
+            cfg.image_root,
+            ["--refusal_fraction", repr(f), "--total", str(args.total)],
+            cfg.passthrough["mix"],
+        )
+        for f in cfg.fractions
+    ]
+    for i, arm in enumerate(cfg.arms):
+        where = f"arms[{i}] ({arm['name']})"
+        refusal = arm.get("refusal_source", args.refusal_source)
+        normal = arm.get("normal_source", args.normal_source)
+        if not refusal:
+            raise SweepError(f"{where}: no refusal_source (and no --refusal-source)")
+        for name, value in (("refusal_source", refusal), ("normal_source", normal)):
+            if value is not None and not Path(str(value)).expanduser().is_file():
+                raise SweepError(f"{where}: {name} {value}: file not found")
+        own = section_argv("mix", arm.get("mix"))
+        for name in flag_names(own):
+            if name in RESERVED["mix"]:
+                raise SweepError(
+                    f"{where}: mix.{name} is the arm's own field (refusal_source, "
+                    "normal_source, num_refusal, num_normal, fraction, total)"
+                )
+        root = arm.get("image_root") or args.image_root
+        sizing = arm_sizing(arm, args.total, where, SweepError)
+        cfg.rows.append(
+            Row(
+                arm["name"],
+                {"arm": arm["name"], "sizing": sizing},
+                str(refusal),
+                str(normal) if normal else None,
+                _image_root(root, (refusal, normal), where),
+                sizing,
+                cfg.passthrough["mix"] + own,
+                arm=True,
+            )
+        )
+    if not cfg.rows:
+        raise SweepError("nothing to train: give --fractions, or arms: in the configuration")
+    for row in cfg.rows:
+        where = f"arm {row.label}" if row.arm else ""
+        mix_args = row_mix_args(row, cfg.root / "check.jsonl", where)
+        row.official = mix_args.official
+        if len(mix_args.sentences) == 1 and mix_args.sentences[0] != REFUSAL_SENTENCE:
+            row.refusal_sentence = mix_args.sentences[0]
+    first = cfg.rows[0]
+    cfg.mix_official, cfg.refusal_sentence = first.official, first.refusal_sentence
 
 
 def _check_fit_options(cfg: SweepConfig) -> None:
@@ -469,36 +558,30 @@ def _check_fit_options(cfg: SweepConfig) -> None:
         cfg.fit_config_keys = keys
 
 
-def _image_root(args: SweepArguments) -> Path:
-    if args.image_root:
-        root = Path(args.image_root).expanduser().resolve()
+def _image_root(given: str | None, sources: tuple, where: str = "") -> Path:
+    """The folder the records' image paths are relative to: given, or the sources' one folder."""
+    prefix = f"{where}: " if where else ""
+    if given:
+        root = Path(given).expanduser().resolve()
         if not root.is_dir():
-            raise SweepError(f"--image-root {args.image_root}: not a folder")
+            raise SweepError(f"{prefix}--image-root {given}: not a folder")
         return root
-    folders = {
-        Path(p).expanduser().resolve().parent
-        for p in (args.refusal_source, args.normal_source)
-        if p
-    }
+    folders = {Path(p).expanduser().resolve().parent for p in sources if p}
     if len(folders) > 1:
         raise SweepError(
-            "the two sources sit in different folders: give --image-root, the folder their "
-            "records' image paths are relative to"
+            f"{prefix}the two sources sit in different folders: give --image-root (an arm: "
+            "image_root), the folder their records' image paths are relative to"
         )
     return folders.pop()
 
 
-def mix_arguments(cfg: SweepConfig, fraction: float, output: Path) -> Any:
-    """The ``rejalign-train mix`` options of one fraction's mix (checked by its own parser)."""
+def row_mix_args(row: Row, output: Path, where: str = "") -> Any:
+    """The ``rejalign-train mix`` options of one row's mix (checked by its own parser)."""
     from rejalign_train.mixing import MixError, parse_args
 
-    argv = ["--refusal_source", str(Path(cfg.args.refusal_source).expanduser())]
-    if cfg.args.normal_source:
-        argv += ["--normal_source", str(Path(cfg.args.normal_source).expanduser())]
-    argv += ["--refusal_fraction", repr(fraction), "--total", str(cfg.args.total)]
-    argv += ["--output", str(output), *cfg.passthrough["mix"]]
+    what = f"{where}: mix options" if where else "mix options"
     try:
-        with _argparse_errors("mix options"):
-            return parse_args(argv)
+        with _argparse_errors(what):
+            return parse_args(row_mix_argv(row, output))
     except MixError as exc:
-        raise SweepError(f"mix options: {exc}") from exc
+        raise SweepError(f"{what}: {exc}") from exc

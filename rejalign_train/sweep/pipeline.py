@@ -1,4 +1,7 @@
-"""The sweep's steps in order: mixes, the base model's eval, fit + eval per fraction, the report.
+"""The sweep's steps in order: mixes, the base model's eval, fit + eval per row, the report.
+
+A row is a refusal fraction or a named arm (:mod:`rejalign_train.sweep.arms`); both run the same
+steps in ``OUT/LABEL/{mix,fit,eval}``.
 
 Each step's inputs include its upstream steps' output digests, so a changed option redoes
 exactly the steps it affects (a new fit option: every fit, eval and the report; a new
@@ -20,14 +23,14 @@ from typing import Any
 
 from rejalign_tasks.contracts import sha256_file
 from rejalign_train.manifest import utc_now, write_json_atomic
+from rejalign_train.sweep.arms import Row
 from rejalign_train.sweep.cache import StepCache, argv_key, file_key
 from rejalign_train.sweep.options import (
     BASE_LABEL,
     SweepConfig,
     SweepError,
     flag_names,
-    fraction_label,
-    mix_arguments,
+    row_mix_args,
 )
 from rejalign_train.sweep.supervise import run_logged
 
@@ -57,7 +60,7 @@ def model_key(model: str) -> str:
 
 
 class Sweep:
-    """Runs (or, dry, plans) the steps in order: mixes, base eval, fit+eval per fraction, report.
+    """Runs (or, dry, plans) the steps in order: mixes, base eval, fit+eval per row, report.
 
     The mixes come first (cheap, and they check every record of the sources), then the base
     model's evaluation (it checks the evaluation options and data), before hours of training.
@@ -69,25 +72,27 @@ class Sweep:
         self.root = cfg.root
         self.dry_run = cfg.args.dry_run
         self.records: list[StepRecord] = []
-        self._sources: dict[str, Any] | None = None
+        self._digests: dict[str, str] = {}
 
     # -- bookkeeping
 
     def _log(self, name: str, message: str) -> None:
         logger.info("%s: %s", name, message)
 
-    def sources_key(self) -> dict[str, Any]:
-        """The sources' digests, computed once per run (they can be large)."""
-        if self._sources is None:
-            self._sources = {
-                "refusal_source": sha256_file(Path(self.args.refusal_source).expanduser()),
-                "normal_source": (
-                    sha256_file(Path(self.args.normal_source).expanduser())
-                    if self.args.normal_source
-                    else None
-                ),
-            }
-        return self._sources
+    def _digest(self, source: str | None) -> str | None:
+        if source is None:
+            return None
+        path = str(Path(source).expanduser().resolve())
+        if path not in self._digests:
+            self._digests[path] = sha256_file(path)
+        return self._digests[path]
+
+    def sources_key(self, row: Row) -> dict[str, Any]:
+        """A row's sources' digests, each file hashed once per run (they can be large)."""
+        return {
+            "refusal_source": self._digest(row.refusal_source),
+            "normal_source": self._digest(row.normal_source),
+        }
 
     def step(
         self,
@@ -133,48 +138,45 @@ class Sweep:
 
     # -- the steps
 
-    def mix_data(self, label: str) -> Path:
+    def mix_data(self, row: Row) -> Path:
         """The mix's data file (``.json`` in upstream's --official layout, else JSON Lines)."""
-        name = "mixed.json" if self.cfg.mix_official else "mixed.jsonl"
-        return self.root / label / "mix" / name
+        return self.root / row.label / "mix" / row.data_name
 
-    def mix_step(self, fraction: float) -> str | None:
-        label = fraction_label(fraction)
+    def mix_step(self, row: Row) -> str | None:
+        label = row.label
         folder = self.root / label / "mix"
-        data = self.mix_data(label)
-        inputs = {
-            "fraction": fraction,
-            "total": self.args.total,
-            **self.sources_key(),
-            "mix_args": argv_key(self.cfg.passthrough["mix"]),
-        }
+        data = self.mix_data(row)
+        # A fraction's key is what it was before arms existed: finished sweeps stay finished.
+        inputs = {**row.key, **self.sources_key(row), "mix_args": argv_key(row.mix_argv)}
 
         def execute(folder: Path, resume: bool) -> list[Path]:
             from rejalign_train.mixing import MixError, manifest_path, mix, write_mix
             from rejalign_train.records import RecordError
 
             try:
-                args = mix_arguments(self.cfg, fraction, data)
-                write_mix(args, mix(args))
+                args = row_mix_args(row, data, label if row.arm else "")
+                result = mix(args)
+                write_mix(args, result)
             except (MixError, RecordError) as exc:
                 raise SweepError(f"{label}/mix: {exc}") from exc
-            return [data, manifest_path(data)]
+            return [data, manifest_path(data), *result.image_files]
 
         return self.step(f"{label}/mix", folder, inputs, execute)
 
-    def fit_command(self, data: Path, adapter: Path) -> list[str]:
+    def fit_command(self, data: Path, adapter: Path, row: Row | None = None) -> list[str]:
         """``rejalign-train fit`` on one mix, started by ``--fit-launcher`` or this Python."""
+        row = row or self.cfg.rows[0]
         launcher = shlex.split(self.args.fit_launcher or "") or [sys.executable]
         cmd = [*launcher, "-m", "rejalign_train.cli", "fit"]
         if self.args.fit_config:  # fit reads a configuration file only as its first argument
             cmd.append(str(Path(self.args.fit_config).expanduser().resolve()))
         cmd += ["--model", self.args.model, "--data", str(data)]
-        cmd += ["--image_root", str(self.cfg.image_root), "--output_dir", str(adapter)]
+        cmd += ["--image_root", str(row.image_root), "--output_dir", str(adapter)]
         cmd += self.cfg.passthrough["fit"]
         given = set(flag_names(self.cfg.passthrough["fit"])) | self.cfg.fit_config_keys
-        if self.cfg.refusal_sentence and "refusal_sentence" not in given:
+        if row.refusal_sentence and "refusal_sentence" not in given:
             # The mix's custom sentence is the one fit must recognise ("train without EOS").
-            cmd += ["--refusal_sentence", self.cfg.refusal_sentence]
+            cmd += ["--refusal_sentence", row.refusal_sentence]
         return cmd
 
     def eval_command(self, adapter: Path | None, results: Path) -> list[str]:
@@ -193,24 +195,24 @@ class Sweep:
                 cmd += [f"--{option}", value]
         return cmd + self.cfg.passthrough["eval"]
 
-    def fit_step(self, fraction: float, mix_digest: str | None) -> str | None:
-        label = fraction_label(fraction)
+    def fit_step(self, row: Row, mix_digest: str | None) -> str | None:
+        label = row.label
         folder = self.root / label / "fit"
-        data = self.mix_data(label)
+        data = self.mix_data(row)
         inputs = None
         if mix_digest is not None:
             inputs = {
                 "model": model_key(self.args.model),
                 "mix": mix_digest,
-                "image_root": str(self.cfg.image_root),
+                "image_root": str(row.image_root),
                 "fit_config": file_key(self.args.fit_config) if self.args.fit_config else None,
                 "fit_args": argv_key(self.cfg.passthrough["fit"]),
                 "fit_launcher": self.args.fit_launcher,
-                "refusal_sentence": self.cfg.refusal_sentence,
+                "refusal_sentence": row.refusal_sentence,
             }
 
         def execute(folder: Path, resume: bool) -> list[Path]:
-            cmd = self.fit_command(data, folder / ADAPTER_DIR)
+            cmd = self.fit_command(data, folder / ADAPTER_DIR, row)
             if resume:  # fit --resume skips (and removes) a checkpoint a kill cut short
                 cmd.append("--resume")
             run_logged(cmd, folder / "fit.log", self.args.verbose, f"{label}/fit")
@@ -300,22 +302,22 @@ class Sweep:
                 {
                     "arguments": dataclasses.asdict(self.args),
                     "fractions": self.cfg.fractions,
+                    "arms": self.cfg.arms,
                     "passthrough": self.cfg.passthrough,
                     "image_root": str(self.cfg.image_root),
                     "written": utc_now(),
                 },
             )
         last = STOP_AFTER.index(self.args.stop_after)
-        mixes = {f: self.mix_step(f) for f in self.cfg.fractions}
+        mixes = {row.label: self.mix_step(row) for row in self.cfg.rows}
         evals: dict[str, str | None] = {}
         if self.args.base and last >= 2:
             evals[BASE_LABEL] = self.eval_step(BASE_LABEL, None, None)
-        for f in self.cfg.fractions if last >= 1 else ():
-            label = fraction_label(f)
-            fit_digest = self.fit_step(f, mixes[f])
+        for row in self.cfg.rows if last >= 1 else ():
+            fit_digest = self.fit_step(row, mixes[row.label])
             if last >= 2:
-                adapter = self.root / label / "fit" / ADAPTER_DIR
-                evals[label] = self.eval_step(label, fit_digest, adapter)
+                adapter = self.root / row.label / "fit" / ADAPTER_DIR
+                evals[row.label] = self.eval_step(row.label, fit_digest, adapter)
         if last >= 3:
             self.report_step(evals)
         return self.records
