@@ -71,17 +71,31 @@ def _model_path(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def _adapter_path(spec: JudgeSpec, model: str, adapter: str | None) -> str | None:
-    """StrongREJECT's LoRA adapter: the one given, an ``adapter/`` folder inside a local judge
-    folder, or the spec's published adapter id."""
+def resolve_model(spec: JudgeSpec, model: str, adapter: str | None) -> tuple[str, str | None]:
+    """(base model, LoRA adapter or None) for ``--judge-model`` and ``--adapter``.
+
+    A ``--judge-model`` folder holding ``adapter_config.json`` is a PEFT adapter (as StrongREJECT's
+    published ``qylu4156/strongreject-15k-v1`` is): its base is the one the adapter names. A
+    judge published as base + LoRA otherwise gets its published adapter unless ``--adapter``
+    names another.
+    """
+    import json
+
+    folder = Path(model).expanduser()
+    config = folder / "adapter_config.json"
+    if config.is_file():
+        try:
+            base = json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"{config}: no readable base_model_name_or_path ({exc})") from exc
+        if adapter:
+            raise UsageError(
+                f"--judge-model {model} is itself a LoRA adapter; do not also give --adapter"
+            )
+        return _model_path(str(base)), str(folder.resolve())
     if adapter:
-        return _model_path(adapter)
-    if spec.lora_adapter is None:
-        return None
-    local = Path(model).expanduser() / "adapter"
-    if (local / "adapter_config.json").is_file():
-        return str(local.resolve())
-    return spec.lora_adapter
+        return _model_path(model), _model_path(adapter)
+    return _model_path(model), spec.lora_adapter
 
 
 def encode(spec: JudgeSpec, tokenizer: Any, prompt: str) -> list[int]:
@@ -143,7 +157,7 @@ class HFEngine(Engine):
         self.torch = torch
         self.batch_size = max(1, int(batch_size))
         self.device = device
-        path = _model_path(model)
+        path, lora = resolve_model(spec, model, adapter)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         try:
             if spec.vision:
@@ -160,7 +174,6 @@ class HFEngine(Engine):
                 )
         except OSError as exc:
             raise UsageError(f"--judge-model {model}: cannot load the judge model ({exc})") from exc
-        lora = _adapter_path(spec, model, adapter)
         if lora is not None:
             from peft import PeftModel
 
@@ -262,8 +275,7 @@ class VLLMEngine(Engine):
                 "or use --engine hf"
             ) from exc
         self.vllm = vllm
-        path = _model_path(model)
-        self.lora = _adapter_path(spec, model, adapter)
+        path, self.lora = resolve_model(spec, model, adapter)
         kwargs: dict[str, Any] = {"model": path, "dtype": dtype, "seed": 0}
         if self.lora is not None:
             kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(self.lora), max_loras=1)

@@ -273,15 +273,17 @@ class Judging:
         return TaskOutcome(task, final, status, done)
 
     def _judge_chunk(self, run: TaskRun, chunk: list[dict], origin: dict) -> list[dict]:
-        engine = self.engine
-        items, inputs = [], []
-        for sample in chunk:
+        items = []
+        for sample in chunk:  # inputs (and images) checked before the judge model is loaded
             where = f"{run.samples_file}: doc_id {sample['doc_id']}"
             view = task_info.sample_view(run.task, sample, where)
             image = task_info.rebuild_image(run.task, sample, where) if self.spec.vision else None
-            item = JudgeItem(view.request, view.response, image, view.prompt_sent)
-            items.append(item)
-            inputs.append(JudgeInput(self.spec.build_prompt(item, engine.prompt_tokenizer), image))
+            items.append(JudgeItem(view.request, view.response, image, view.prompt_sent))
+        engine = self.engine
+        inputs = [
+            JudgeInput(self.spec.build_prompt(item, engine.prompt_tokenizer), item.image)
+            for item in items
+        ]
         generations = engine.generate(inputs)
         rows = []
         for sample, gen in zip(chunk, generations, strict=True):
