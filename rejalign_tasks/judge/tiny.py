@@ -32,6 +32,7 @@ The chat templates are the files in ``templates/`` (see :data:`TEMPLATE_SOURCES`
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +336,8 @@ def _build_strongreject(out: Path, tokenizer_dir: Path, seed: int) -> Path:
                 param[1, 0] = trigger_gain(base)
     peft_model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
     peft_model.save_pretrained(out)
-    tok.save_pretrained(out)
+    for file in ("tokenizer.json", "tokenizer_config.json"):  # as saved for the base
+        shutil.copyfile(base_dir / file, out / file)
     (out / "rejalign_tiny.json").write_text(json.dumps({"kind": "strongreject"}), "utf-8")
     return out
 
@@ -496,3 +498,51 @@ def build_tiny_judge(
     if name == "llama-guard-3-vision":
         return _build_mllama(out, tokenizer_dir, seed)
     return _build_llama4(out, tokenizer_dir, seed)
+
+
+def greedy_labels(path: str | Path, name: str, items: list, processor: Any = None) -> list:
+    """Judge ``items`` with the checkpoint in ``path`` through transformers, one at a time.
+
+    The plain loop the tiny judges are checked with: the spec's prompt, tokenized with or
+    without special tokens as the spec says, greedy ``generate`` for ``max_new_tokens``, the new
+    tokens decoded without special tokens, and for StrongREJECT the first position's
+    probabilities of the score tokens. Returns the parsed :class:`JudgeLabel` per item.
+    ``processor``: the tokenizer (vision judges: processor) when already loaded.
+    """
+    import torch
+    import transformers
+
+    from rejalign_tasks.judge.judges import get_judge
+
+    spec = get_judge(name)
+    loader = "AutoModelForImageTextToText" if spec.vision else "AutoModelForCausalLM"
+    model = getattr(transformers, loader).from_pretrained(path).eval()
+    auto = transformers.AutoProcessor if spec.vision else transformers.AutoTokenizer
+    proc = processor if processor is not None else auto.from_pretrained(path)
+    tok = proc.tokenizer if spec.vision else proc
+    labels = []
+    for item in items:
+        text = spec.build_prompt(item, proc)
+        extra = {}
+        if spec.vision:
+            extra["images"] = [item.image] if item.image is not None else None
+        enc = proc(
+            text=text, return_tensors="pt", add_special_tokens=spec.add_special_tokens, **extra
+        )
+        if "pixel_values" in enc:  # Llama 4's image processor returns bfloat16
+            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=spec.max_new_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        new = out.sequences[0, enc["input_ids"].shape[1] :]
+        probs = None
+        if spec.first_token_scores:
+            first = out.scores[0][0].float().softmax(-1)
+            probs = {k: float(first[tok.convert_tokens_to_ids(k)]) for k in spec.first_token_scores}
+        labels.append(spec.parse(tok.decode(new, skip_special_tokens=True), probs))
+    return labels
