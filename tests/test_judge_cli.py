@@ -117,14 +117,29 @@ def hf_judged(logged_run, tiny_judges, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_judged(logged_run, tiny_judges, tmp_path_factory, vllm_python) -> Path:  # noqa: F811
+def vllm_judged(logged_run, tiny_judges, tmp_path_factory, data_dir, vllm_python):  # noqa: F811
+    """The text judges and Llama Guard 4 on vLLM, and Llama Guard 4 on transformers too, all in
+    the vLLM interpreter (Llama 4's image processor needs torchvision, which only it has)."""
     run = _copy(logged_run, tmp_path_factory, "vllm")
-    calls = "\n".join(
+    lg4_hf = _copy(logged_run, tmp_path_factory, "lg4-hf")
+    lg4 = tmp_path_factory.mktemp("lg4") / "model"
+    tokenizer = data_dir / "tokenizers" / TOKENIZER_FOR["llama-guard-4"]
+    calls = [
         f"judge_run_dirs([{str(run)!r}], {j!r}, {str(tiny_judges[j])!r}, 'vllm', "
         f"dtype='float32', vllm_args={VLLM_ARGS!r})"
         for j in VLLM_JUDGES
+    ]
+    calls += [
+        f"build_tiny_judge('llama-guard-4', {str(lg4)!r}, {str(tokenizer)!r})",
+        f"judge_run_dirs([{str(run)!r}], 'llama-guard-4', {str(lg4)!r}, 'vllm', "
+        f"dtype='float32', vllm_args={VLLM_ARGS | {'max_model_len': 4096}!r})",
+        f"judge_run_dirs([{str(lg4_hf)!r}], 'llama-guard-4', {str(lg4)!r}, 'hf', "
+        "dtype='float32', batch_size=4)",
+    ]
+    code = (
+        "from rejalign_tasks.judge.run import judge_run_dirs\n"
+        "from rejalign_tasks.judge.tiny import build_tiny_judge\n" + "\n".join(calls) + "\n"
     )
-    code = f"from rejalign_tasks.judge.run import judge_run_dirs\n{calls}\n"
     proc = subprocess.run(
         [vllm_python, "-c", code],
         capture_output=True,
@@ -133,7 +148,7 @@ def vllm_judged(logged_run, tiny_judges, tmp_path_factory, vllm_python) -> Path:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return run
+    return {"run": run, "lg4-hf": lg4_hf}
 
 
 def judged_rows(run: Path, judge: str) -> list[dict]:
@@ -148,9 +163,10 @@ def metrics_file(run: Path, judge: str) -> dict:
 # -- both engines ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("judge", VLLM_JUDGES)
+@pytest.mark.parametrize("judge", (*VLLM_JUDGES, "llama-guard-4"))
 def test_vllm_and_transformers_give_the_same_labels(hf_judged, vllm_judged, judge):
-    hf, vllm = judged_rows(hf_judged, judge), judged_rows(vllm_judged, judge)
+    hf_run = vllm_judged["lg4-hf"] if judge == "llama-guard-4" else hf_judged
+    hf, vllm = judged_rows(hf_run, judge), judged_rows(vllm_judged["run"], judge)
     assert [r["doc_id"] for r in hf] == [r["doc_id"] for r in vllm]
     assert [r["judge"]["engine"] for r in hf + vllm] == ["hf"] * LIMIT + ["vllm"] * LIMIT
     if judge == "strongreject":
@@ -165,8 +181,8 @@ def test_vllm_and_transformers_give_the_same_labels(hf_judged, vllm_judged, judg
         assert [r["judge"]["label"] for r in hf] == [r["judge"]["label"] for r in vllm]
     outcomes = {r["judge"]["attack_success"] for r in hf}
     assert {True, False} <= outcomes, "labels do not vary: the comparison would prove little"
-    hf_metrics = metrics_file(hf_judged, judge)["results"][TASK]
-    vllm_metrics = metrics_file(vllm_judged, judge)["results"][TASK]
+    hf_metrics = metrics_file(hf_run, judge)["results"][TASK]
+    vllm_metrics = metrics_file(vllm_judged["run"], judge)["results"][TASK]
     assert hf_metrics == pytest.approx(vllm_metrics, abs=1e-4)  # StrongREJECT's mean score
 
 

@@ -217,7 +217,12 @@ class HFEngine(Engine):
         out: list[Generation] = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start : start + self.batch_size]
-            batch = {k: v.to(self.device) for k, v in self._batch(chunk).items()}
+            batch = {
+                # pixel values in the model's dtype (Llama 4's processor gives bfloat16)
+                k: v.to(self.device, dtype=self.model.dtype) if v.is_floating_point() else
+                v.to(self.device)
+                for k, v in self._batch(chunk).items()
+            }
             with torch.inference_mode():
                 result = self.model.generate(
                     **batch,
