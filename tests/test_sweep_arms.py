@@ -194,6 +194,50 @@ def test_changing_one_arm_redoes_that_arm_only(swept, tiny_llava, sources, capsy
         assert (f" {name}: running" in log) is redone, name
 
 
+def test_judge_steps_judge_every_row_without_redoing_evals(swept, data_dir, capsys):
+    """``--judge``: one judge step per row beside its eval; evals are not redone; the report
+    reads the judged metrics; a rerun skips every step."""
+    from rejalign_tasks.judge.tiny import TOKENIZER_FOR, build_tiny_judge
+
+    judge = "llama-guard-3"
+    model = build_tiny_judge(
+        judge, swept["folder"] / "judge-model", data_dir / "tokenizers" / TOKENIZER_FOR[judge]
+    )
+    out = swept["out"]
+    changed = swept["folder"] / "changed.yaml"  # the configuration the sweep last ran with
+    args = [str(changed), "--output_dir", str(out), "--judge", judge, "--judge_model", str(model)]
+    assert sweep_main(args) == 0
+    log = capsys.readouterr().out
+    assert "rejalign-sweep: 3 step(s) run, 6 skipped" in log
+    for arm in ARMS:
+        assert f" {arm}/judge: running" in log and f" {arm}/eval: running" not in log
+        run = out / arm / "judge" / "results"
+        (metrics,) = run.rglob(f"judged_{judge}_*.json")
+        (results,) = run.rglob("results_*.json")
+        evaluated = next((out / arm / "eval" / "results").rglob("results_*.json"))
+        assert results.read_bytes() == evaluated.read_bytes()
+        assert not list((out / arm / "eval").rglob("*.judged-*"))  # the eval folder untouched
+    assert "asr_llama_guard_3" in (out / "report" / "report.md").read_text()
+    assert sweep_main(args) == 0
+    assert "rejalign-sweep: 0 step(s) run, 9 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--judge", "gpt-judge"], "--judge gpt-judge: expected one of llama-guard-3,"),
+        (["--judge_model", "m"], "--judge_model/--judge_engine given without --judge NAME"),
+        (["--judge", "llama-guard-3-vision", "--judge_engine", "vllm"],
+         "--judge llama-guard-3-vision runs with --judge_engine hf only"),
+    ],
+)  # fmt: skip
+def test_judge_options_are_checked_before_any_step(tmp_path, sources, extra, message, capsys):
+    config = _arms_config(tmp_path, sources, [_arm(sources, name="a")])
+    assert sweep_main([str(config), "--output_dir", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- options
 
 

@@ -9,7 +9,10 @@ It is lm-eval's own command line (every ``lm_eval run`` option works and means t
 * defaults suited to VLM evaluation: ``--tasks rejalign_paper``, ``--model hf-multimodal``,
   ``--apply_chat_template`` (opt out with ``--no_chat_template``) and ``--log_samples``;
 * ``--output_path`` required: the run leaves ``OUT/<model>/results_<ts>.json`` (lm-eval's schema,
-  groups included) and one ``samples_<task>_<ts>.jsonl`` per task, side by side.
+  groups included) and one ``samples_<task>_<ts>.jsonl`` per task, side by side;
+* ``--judge NAME`` (with ``--judge-model``, ``--judge-engine``): a model judge over the run's
+  sample logs once lm-eval is done (``rejalign-judge``, see :mod:`rejalign_tasks.judge`), in a
+  process of its own so that the evaluated model's memory is free before the judge loads.
 
 Why one run rather than one run per modality: the model is loaded once, every answer comes from
 the same object, and lm-eval computes the groups (``rejalign_paper`` mixes both kinds) itself.
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rejalign_tasks.console import UsageError, run_command
+from rejalign_tasks.console import CommandFailed, UsageError, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ HELP = f"""rejalign-eval: lm-eval's `run` command for the paper's table, one run
   Text-only and image tasks share the run, answered by the same VLM (+ adapter).
   Defaults: --model {DEFAULT_MODEL} --tasks {DEFAULT_TASKS} --apply_chat_template --log_samples
   {NO_CHAT_TEMPLATE}   do not apply the model's chat template
+  --judge NAME          then judge the samples with a model judge (rejalign-judge --help)
+  --judge-model ID|DIR  the judge's checkpoint (default: the judge's published one)
+  --judge-engine vllm|hf  default: vllm with --model vllm/vllm-vlm, else hf (on --device)
   --output_path is required. lm-eval's options follow.
 """
 
@@ -51,6 +58,54 @@ def _value(argv: Sequence[str], *flags: str) -> str | None:
             if a.startswith(f + "="):
                 return a[len(f) + 1 :]
     return None
+
+
+JUDGE_FLAGS = ("--judge", "--judge-model", "--judge-engine")
+
+
+def split_judge_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without the ``--judge*`` options, and those options (flag -> value)."""
+    rest: list[str] = []
+    found: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        flag = next((f for f in JUDGE_FLAGS if a == f or a.startswith(f + "=")), None)
+        if flag is None:
+            rest.append(a)
+        elif a == flag:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise UsageError(f"{flag} needs a value")
+            found[flag] = args[i + 1]
+            i += 1
+        else:
+            found[flag] = a[len(flag) + 1 :]
+        i += 1
+    if found and "--judge" not in found:
+        raise UsageError(f"{', '.join(found)} given without --judge NAME")
+    return rest, found
+
+
+def judge_command(judge: dict[str, str], lm_args: Sequence[str], run_dir: Path) -> list[str]:
+    """The ``rejalign-judge`` command for this run's folder (same interpreter)."""
+    from rejalign_tasks.judge.judges import JUDGES
+
+    name = judge["--judge"]
+    if name not in JUDGES:
+        raise UsageError(f"--judge {name}: expected one of {', '.join(JUDGES)}")
+    model = _value(lm_args, "--model", "-M") or DEFAULT_MODEL
+    engine = judge.get("--judge-engine") or ("vllm" if model.startswith("vllm") else "hf")
+    if engine not in ("vllm", "hf"):
+        raise UsageError(f"--judge-engine {engine}: expected vllm or hf")
+    cmd = [sys.executable, "-m", "rejalign_tasks.judge", str(run_dir), "--judge", name]
+    cmd += ["--engine", engine]
+    if judge.get("--judge-model"):
+        cmd += ["--judge-model", judge["--judge-model"]]
+    device = _value(lm_args, "--device")
+    if engine == "hf" and device:
+        cmd += ["--device", device]
+    return cmd
 
 
 def build_argv(argv: Sequence[str]) -> list[str]:
@@ -100,9 +155,14 @@ def _evaluate(argv: list[str]) -> int:
 
     from rejalign_tasks.harness.routing import install
 
+    argv, judge = split_judge_options(argv)
     lm_args = build_argv(argv)
     if lm_args[:1] == ["run"] and any(a in ("-h", "--help") for a in lm_args):
         print(HELP)
+    elif judge and lm_args[:1] != ["run"]:
+        raise UsageError("--judge applies to an evaluation run, not to `ls`/`validate`")
+    if judge:
+        judge_command(judge, lm_args, Path("."))  # bad judge options fail before the run
     install()
     saved = sys.argv
     sys.argv = ["rejalign-eval", *lm_args]
@@ -115,6 +175,17 @@ def _evaluate(argv: list[str]) -> int:
         results = sorted(Path(out).expanduser().glob("**/results_*.json"), key=_mtime)
         if results:
             print(f"rejalign-eval: results and samples in {results[-1].parent}")
+            if judge:
+                cmd = judge_command(judge, lm_args, results[-1].parent)
+                shown = " ".join(["rejalign-judge", *cmd[3:]])
+                print(f"rejalign-eval: judging with {judge['--judge']}: {shown}")
+                if subprocess.run(cmd).returncode != 0:
+                    raise CommandFailed(
+                        f"the {judge['--judge']} judge failed (the evaluation's results are "
+                        f"kept in {results[-1].parent}; rerun `{shown}` to judge)"
+                    )
+        elif judge:
+            raise CommandFailed(f"--judge: no results_*.json under {out} to judge")
     return 0
 
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from rejalign_tasks.console import UsageError, run_command
+from rejalign_train.sweep.judging import check_judge
 from rejalign_train.sweep.options import PROG, SweepError, check_config, parse_args
 
 logger = logging.getLogger("rejalign_train.sweep")
@@ -30,6 +31,7 @@ def _body(argv: list[str]) -> int:
     try:
         cfg = parse_args(argv)
         check_config(cfg)
+        check_judge(cfg.args)
     except SweepError as exc:  # found before any step ran: the user's options are wrong (2)
         raise UsageError(str(exc)) from exc
     from rejalign_train.sweep.pipeline import REPORT_DIR, Sweep

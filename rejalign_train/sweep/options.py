@@ -198,6 +198,13 @@ class SweepArguments:
             f"(default: {BASE_LABEL!r} when the base model is evaluated; 'none': no comparison)."
         },
     )
+    judge: str | None = field(default=None, metadata={
+        "help": "A model judge (rejalign-judge --help) over every evaluation's samples, as a "
+        "step of its own: the report gets its columns; changing it redoes no evaluation."})
+    judge_model: str | None = field(default=None, metadata={
+        "help": "The judge's checkpoint, a Hub id or folder (default: the published one)."})
+    judge_engine: Literal["vllm", "hf"] | None = field(default=None, metadata={
+        "help": "The judge's engine (default: vllm with --backend vllm-vlm, else hf)."})
     stop_after: Literal["mix", "fit", "eval", "report"] = field(
         default="report",
         metadata={

@@ -25,6 +25,7 @@ from rejalign_tasks.contracts import sha256_file
 from rejalign_train.manifest import utc_now, write_json_atomic
 from rejalign_train.sweep.arms import Row
 from rejalign_train.sweep.cache import StepCache, argv_key, file_key
+from rejalign_train.sweep.judging import JUDGE_DIR, judge_command, judge_engine, link_run
 from rejalign_train.sweep.options import (
     BASE_LABEL,
     SweepConfig,
@@ -267,13 +268,36 @@ class Sweep:
 
         return self.step(f"{label}/eval", folder, inputs, execute)
 
+    def judge_step(self, label: str, eval_digest: str | None) -> str | None:
+        """The model judge over one row's evaluation (``--judge``), in ``LABEL/judge``."""
+        folder = self.root / label / JUDGE_DIR
+        inputs = None
+        if eval_digest is not None:
+            args = self.args
+            inputs = {
+                "eval": eval_digest,
+                "judge": args.judge,
+                "judge_model": model_key(args.judge_model) if args.judge_model else None,
+                "engine": judge_engine(args),
+                "device": args.device if judge_engine(args) == "hf" else None,
+            }
+
+        def execute(folder: Path, resume: bool) -> list[Path]:
+            results = folder / RESULTS_DIR
+            linked = set(link_run(self.root / label / "eval" / RESULTS_DIR, results))
+            cmd = judge_command(self.args, results)
+            run_logged(cmd, folder / "judge.log", self.args.verbose, f"{label}/judge")
+            return sorted(p for p in results.rglob("*") if p.is_file() and p not in linked)
+
+        return self.step(f"{label}/judge", folder, inputs, execute)
+
     def report_step(self, evals: dict[str, str | None]) -> str | None:
         folder = self.root / REPORT_DIR
         baseline = self.cfg.baseline
         inputs = None
         if all(d is not None for d in evals.values()):
             inputs = {
-                "evals": evals,
+                "evals": evals,  # with --judge: the judge steps' digests
                 "baseline": baseline,
                 "report_spec": file_key(self.args.report_spec) if self.args.report_spec else None,
             }
@@ -283,7 +307,8 @@ class Sweep:
             from rejalign_tasks.report.report import make_report
             from rejalign_tasks.report.spec import SpecError, load_spec
 
-            runs = [f"{label}={self.root / label / 'eval' / RESULTS_DIR}" for label in evals]
+            step = JUDGE_DIR if self.args.judge else "eval"
+            runs = [f"{label}={self.root / label / step / RESULTS_DIR}" for label in evals]
             try:
                 spec = load_spec(self.args.report_spec) if self.args.report_spec else None
                 return make_report(runs, folder, spec=spec, baseline=baseline)
@@ -291,6 +316,10 @@ class Sweep:
                 raise SweepError(f"report: {exc}") from exc
 
         return self.step(REPORT_DIR, folder, inputs, execute)
+
+    def _judged(self, label: str, eval_digest: str | None) -> str | None:
+        """The digest the report depends on: the judge step's with ``--judge``, else the eval's."""
+        return self.judge_step(label, eval_digest) if self.args.judge else eval_digest
 
     # -- the whole
 
@@ -312,12 +341,13 @@ class Sweep:
         mixes = {row.label: self.mix_step(row) for row in self.cfg.rows}
         evals: dict[str, str | None] = {}
         if self.args.base and last >= 2:
-            evals[BASE_LABEL] = self.eval_step(BASE_LABEL, None, None)
+            evals[BASE_LABEL] = self._judged(BASE_LABEL, self.eval_step(BASE_LABEL, None, None))
         for row in self.cfg.rows if last >= 1 else ():
             fit_digest = self.fit_step(row, mixes[row.label])
             if last >= 2:
                 adapter = self.root / row.label / "fit" / ADAPTER_DIR
-                evals[row.label] = self.eval_step(row.label, fit_digest, adapter)
+                digest = self.eval_step(row.label, fit_digest, adapter)
+                evals[row.label] = self._judged(row.label, digest)
         if last >= 3:
             self.report_step(evals)
         return self.records
