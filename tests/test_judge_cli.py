@@ -13,6 +13,7 @@ consistent lm-eval log whose labels vary. vLLM runs in its own interpreter
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from rejalign_tasks.judge.tiny import TOKENIZER_FOR, build_tiny_judge
 from rejalign_tasks.report.report import make_report
 
 TASK = "rejalign_figstep_tiny"
+XSTEST = "rejalign_xstest_typo"  # its first 10 prompts are safe ones: over-refusal
 LIMIT = 10
 REPLIES = (
     "Sure, here is how. Step 1: gather the materials and prepare them carefully.",
@@ -41,7 +43,7 @@ REPLIES = (
     "No.",
     "Sure. Step one is to pick a quiet place, then plan the rest of the day in detail.",
 )
-TEXT_JUDGES = ("llama-guard-3", "harmbench", "strongreject")
+TEXT_JUDGES = ("llama-guard-3", "harmbench", "strongreject", "wildguard")
 VLLM_JUDGES = ("llama-guard-3", "strongreject")
 VLLM_ARGS = {"enforce_eager": True, "max_model_len": 2048}
 
@@ -60,20 +62,21 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def _set_completions(run: Path) -> None:
-    """Give the logged samples :data:`REPLIES` and rescore them with the task's own judge."""
-    from rejalign_tasks.benchmarks.figstep import process_results
+    """Give the logged samples :data:`REPLIES` and rescore them with each task's own judge."""
+    from rejalign_tasks.benchmarks import figstep, xstest
 
-    samples_file = _samples_file(run)
     (results_file,) = run.rglob("results_*.json")
-    rows = _rows(samples_file)
-    for i, row in enumerate(rows):
-        reply = REPLIES[i % len(REPLIES)]
-        row["resps"], row["filtered_resps"] = [[reply]], [reply]
-        row.update(process_results(row["doc"], [reply]))
-    _write_rows(samples_file, rows)
     results = json.loads(results_file.read_text(encoding="utf-8"))
-    for metric in rows[0]["metrics"]:
-        results["results"][TASK][f"{metric},none"] = mean_skip_none(r[metric] for r in rows)
+    for task, module in ((TASK, figstep), (XSTEST, xstest)):
+        samples_file = _samples_file(run, task)
+        rows = _rows(samples_file)
+        for i, row in enumerate(rows):
+            reply = REPLIES[i % len(REPLIES)]
+            row["resps"], row["filtered_resps"] = [[reply]], [reply]
+            row.update(module.process_results(row["doc"], [reply]))
+        _write_rows(samples_file, rows)
+        for metric in rows[0]["metrics"]:
+            results["results"][task][f"{metric},none"] = mean_skip_none(r[metric] for r in rows)
     results_file.write_text(json.dumps(results), encoding="utf-8")
 
 
@@ -82,12 +85,12 @@ def logged_run(tiny_llava, tmp_path_factory, data_dir) -> Path:
     out = tmp_path_factory.mktemp("lm-eval")
     args = [
         "--model", "hf-multimodal", "--model_args", f"pretrained={tiny_llava},dtype=float32",
-        "--apply_chat_template", "--tasks", TASK, "--limit", str(LIMIT), "--device", "cpu",
-        "--batch_size", str(LIMIT), "--gen_kwargs", "max_gen_toks=4",
+        "--apply_chat_template", "--tasks", f"{TASK},{XSTEST}", "--limit", str(LIMIT),
+        "--device", "cpu", "--batch_size", str(LIMIT), "--gen_kwargs", "max_gen_toks=4",
     ]  # fmt: skip
     proc, _, samples = run_lm_eval(args, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(samples[TASK]) == LIMIT
+    assert len(samples[TASK]) == len(samples[XSTEST]) == LIMIT
     _set_completions(out)
     return out
 
@@ -151,8 +154,9 @@ def vllm_judged(logged_run, tiny_judges, tmp_path_factory, data_dir, vllm_python
     return {"run": run, "lg4-hf": lg4_hf}
 
 
-def judged_rows(run: Path, judge: str) -> list[dict]:
-    return _rows(_samples_file(run).with_name(f"{_samples_file(run).stem}.judged-{judge}.jsonl"))
+def judged_rows(run: Path, judge: str, task: str = TASK) -> list[dict]:
+    path = _samples_file(run, task)
+    return _rows(path.with_name(f"{path.stem}.judged-{judge}.jsonl"))
 
 
 def metrics_file(run: Path, judge: str) -> dict:
@@ -201,7 +205,11 @@ def test_judged_copy_and_metrics(hf_judged):
             (r["judge"]["label"] == "unparsed") == (r["judge"]["attack_success"] is None)
             for r in rows
         )
-        assert f"refusal_rate_{slug},none" not in metrics  # these judges have no refusal notion
+        if judge == "wildguard":  # the one judge here with a refusal notion
+            refusal = [_num(r["judge"]["refusal"]) for r in rows]
+            assert metrics[f"refusal_rate_{slug},none"] == pytest.approx(mean_skip_none(refusal))
+        else:
+            assert f"refusal_rate_{slug},none" not in metrics
         topics = {r["doc"]["topic"] for r in rows}
         for topic in topics:
             in_topic = [
@@ -237,12 +245,9 @@ def test_report_shows_the_judge_columns_and_the_agreement_table(hf_judged, tmp_p
     for judge in TEXT_JUDGES:
         assert f"{TASK}: {judge}" in header
     samples = {s["doc_id"]: s for s in _rows(_samples_file(hf_judged))}
-    agreement = {
-        (r["judge_a"], r["judge_b"]): r
-        for r in (dict(zip(("model", "task", "labels", "judge_a", "judge_b", "n", "agreement",
-                            "kappa"), line.split(","), strict=True))
-                  for line in (out / "agreement.csv").read_text().splitlines()[1:])
-    }
+    with open(out / "agreement.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["task"] == TASK]
+    agreement = {(r["judge_a"], r["judge_b"]): r for r in rows}
     for judge in TEXT_JUDGES:
         rows = judged_rows(hf_judged, judge)
         rows = [r for r in rows if r["judge"]["attack_success"] is not None]
@@ -257,6 +262,25 @@ def test_report_shows_the_judge_columns_and_the_agreement_table(hf_judged, tmp_p
         shown = f"| paper judge | {judge} | {len(rows)} | {100 * float(row['agreement']):.1f} |"
         assert shown in text
     assert ("harmbench", "llama-guard-3") in agreement  # model judges against each other too
+
+
+def test_xstest_over_refusal_by_a_judge_with_a_refusal_notion(hf_judged, tmp_path):
+    rows = judged_rows(hf_judged, "wildguard", XSTEST)
+    metrics = metrics_file(hf_judged, "wildguard")["results"][XSTEST]
+    refusal = [_num(r["judge"]["refusal"]) for r in rows]
+    assert all(r["doc"]["label"] == "safe" for r in rows)
+    assert metrics["over_refusal_wildguard,none"] == pytest.approx(mean_skip_none(refusal))
+    assert "unsafe_refusal_wildguard,none" not in metrics  # no unsafe prompt among the first 10
+    assert "over_refusal_llama_guard_3,none" not in metrics_file(hf_judged, "llama-guard-3")[
+        "results"
+    ][XSTEST]  # Llama Guard has no refusal notion
+    make_report([str(hf_judged)], tmp_path / "report", plots=False, allow_missing=True)
+    text = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    paper = {s["doc_id"]: s["over_refusal"] for s in _rows(_samples_file(hf_judged, XSTEST))}
+    pairs = [(int(paper[r["doc_id"]]), int(r["judge"]["refusal"])) for r in rows
+             if r["judge"]["refusal"] is not None]  # fmt: skip
+    agree = 100 * sum(a == b for a, b in pairs) / len(pairs)
+    assert f"| {XSTEST} | refusal | paper judge | wildguard | {len(pairs)} | {agree:.1f} |" in text
 
 
 def test_a_judged_copy_of_another_log_is_an_error_in_the_report(hf_judged, tmp_path):
@@ -333,6 +357,15 @@ def test_a_killed_run_continues_and_a_finished_one_is_skipped(
 
 
 # -- vision judges, engine limits ------------------------------------------------------------------
+
+
+def test_help_lists_the_six_judges(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("llama-guard-3", "llama-guard-3-vision", "llama-guard-4", "harmbench",
+                 "wildguard", "strongreject"):  # fmt: skip
+        assert f"\n  {name} " in out
+    assert "vLLM removed Mllama after 0.10.2" in out
 
 
 def test_llama_guard_3_vision_on_vllm_fails_at_once(logged_run, capsys):

@@ -636,3 +636,90 @@ def test_report_from_real_lm_eval_runs(real_runs, tmp_path):
     with Image.open(report / "asr_vs_refusal_fraction.png") as img:
         img.verify()
     assert ET.parse(report / "asr_vs_refusal_fraction.svg").getroot().tag.endswith("svg")
+
+
+# -- second-stage judges (rejalign-judge) ----------------------------------------------------------
+
+
+def _judge_by_hand(folder: Path, judge: str, success: list[bool | None]) -> None:
+    """What ``rejalign-judge`` writes for FigStep-Tiny, with the given per-sample verdicts: the
+    judged copy of the samples file and ``judged_<judge>_<ts>.json`` (the runner's own code)."""
+    from rejalign_tasks.contracts import sha256_file
+    from rejalign_tasks.judge.run import (
+        aggregate,
+        judged_samples_path,
+        metrics_path,
+        sample_metrics,
+    )
+    from rejalign_tasks.judge.verdicts import JudgeLabel
+
+    samples_file = folder / f"samples_{FIGSTEP}_{TS_IMAGE}.jsonl"
+    origin = {"name": judge, "variant": "", "model": "m", "input_sha256": sha256_file(samples_file)}
+    rows = []
+    for sample, verdict in zip(samples_of(folder, FIGSTEP), success, strict=True):
+        word = {True: "unsafe", False: "safe", None: "unparsed"}[verdict]
+        label = JudgeLabel(word, verdict, None)
+        slug = judge.replace("-", "_")
+        rows.append({**sample, "judge": {**origin, "engine": "hf", **label.as_dict()},
+                     **sample_metrics(FIGSTEP, sample, label, slug)})  # fmt: skip
+    judged = judged_samples_path(samples_file, judge)
+    judged.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    payload = {
+        "judge": judge,
+        "results": {FIGSTEP: aggregate(rows, judge.replace("-", "_"))},
+        "samples": {FIGSTEP: {"input": samples_file.name, "judged": judged.name,
+                              "input_sha256": origin["input_sha256"]}},
+    }  # fmt: skip
+    metrics_path(folder / f"results_{TS_IMAGE}.json", judge).write_text(json.dumps(payload))
+
+
+def test_cohen_kappa_known_values():
+    from rejalign_tasks.report.judged import cohen_kappa
+
+    assert cohen_kappa([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0
+    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == -1.0
+    # 16 of 20 agree, both say 1 on half: po 0.8, pe 0.5
+    a = [1] * 8 + [0, 0] + [1, 1] + [0] * 8
+    b = [1] * 10 + [0] * 10
+    assert cohen_kappa(a, b) == pytest.approx(0.6)
+    assert math.isnan(cohen_kappa([1, 1], [1, 1]))  # chance agreement 1: kappa undefined
+
+
+def test_judged_metrics_are_columns_and_judges_agreement_is_tabled(runs, tmp_path):
+    # tiny-vlm's paper labels: 11111111 00 / 11 00000000; the judge says 1 on doc 0-9 only
+    verdicts = {
+        "tiny-vlm": [True] * 10 + [False] * 10,
+        "adapters__rej50": [False] * 19 + [None],
+        "adapters__rej100": [False] * 20,
+    }
+    for folder, success in verdicts.items():
+        _judge_by_hand(runs / folder, "llama-guard-3", success)
+    out = tmp_path / "out"
+    make_report([str(runs)], out, plots=False)
+    table = {r["model"]: r for r in read_csv(out / "table_judges.csv")}
+    paper, judge = f"{FIGSTEP}: paper judge", f"{FIGSTEP}: llama-guard-3"
+    assert float(table["tiny-vlm"][paper]) == pytest.approx(50.0)
+    assert float(table["tiny-vlm"][judge]) == pytest.approx(50.0)
+    assert float(table["rej50"][judge]) == 0.0  # the unparsed sample is left out, not a 0
+    agreement = {
+        (r["model"], r["judge_a"], r["judge_b"]): r for r in read_csv(out / "agreement.csv")
+    }
+    row = agreement[("tiny-vlm", "paper", "llama-guard-3")]
+    assert (row["task"], row["labels"], row["n"]) == (FIGSTEP, "attack success", "20")
+    assert float(row["agreement"]) == pytest.approx(0.8)
+    assert float(row["kappa"]) == pytest.approx(0.6)
+    assert agreement[("rej50", "paper", "llama-guard-3")]["n"] == "19"
+    text = (out / "report.md").read_text()
+    assert "## Agreement between judges" in text
+    shown = f"| tiny-vlm | {FIGSTEP} | attack success | paper judge | llama-guard-3 | 20 | 80.0 |"
+    assert f"{shown} 0.600 |" in text
+
+
+def test_a_judged_metric_that_disagrees_with_its_samples_is_an_error(runs, tmp_path):
+    _judge_by_hand(runs / "tiny-vlm", "llama-guard-3", [True] * 10 + [False] * 10)
+    path = runs / "tiny-vlm" / f"judged_llama-guard-3_{TS_IMAGE}.json"
+    data = json.loads(path.read_text())
+    data["results"][FIGSTEP]["asr_llama_guard_3,none"] = 0.9
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportInputError, match="asr_llama_guard_3"):
+        make_report([str(runs / "tiny-vlm")], tmp_path / "out", plots=False, allow_missing=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from rejalign_tasks.console import UsageError, run_command, split_config
@@ -22,7 +23,10 @@ PROG = "rejalign-judge"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    judges = "\n".join(f"  {name:<22} {spec.summary}" for name, spec in JUDGES.items())
+    judges = "\n".join(
+        textwrap.fill(spec.summary, 88, initial_indent=f"  {name:<22} ", subsequent_indent=" " * 25)
+        for name, spec in JUDGES.items()
+    )
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Judge lm-eval sample logs (samples_<task>_<ts>.jsonl, written with\n"
@@ -101,10 +105,13 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``rejalign-judge``): 0 done, 1 failed, 2 bad input, 130 interrupted."""
+    from rejalign_tasks.report.errors import ReportInputError
+
     return run_command(
         PROG,
         _run,
         argv,
+        usage_errors=(ReportInputError,),
         interrupted="interrupted; rerun the same command to continue where it stopped",
     )
 

@@ -172,11 +172,15 @@ def _refusal_labels(run: TaskRun, judge: str) -> dict[int, float | None] | None:
     """XSTest: per-sample refusal of ``judge`` (over_refusal on safe, unsafe_refusal on unsafe
     prompts), or None when the judge has no refusal labels."""
     slug = {PAPER: "", RULE: "_rule"}.get(judge, "_" + judge.replace("-", "_"))
-    metrics = (f"over_refusal{slug}", f"unsafe_refusal{slug}")
-    if not all(_has(run, m) for m in metrics):
+    metrics = [m for m in (f"over_refusal{slug}", f"unsafe_refusal{slug}") if _has(run, m)]
+    if not metrics:
         return None
-    safe, unsafe = (run.per_sample(m) for m in metrics)
-    return {d: safe[d] if safe[d] is not None else unsafe[d] for d in safe}
+    labels: dict[int, float | None] = {}
+    for metric in metrics:  # each sample has a value for one of the two (its prompt's label)
+        for doc_id, value in run.per_sample(metric).items():
+            if labels.get(doc_id) is None:
+                labels[doc_id] = value
+    return labels
 
 
 def agreement_rows(models: Sequence[ModelRuns]) -> list[Agreement]:
