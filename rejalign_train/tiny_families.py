@@ -3,9 +3,10 @@
 Where tokenisation matters (which tokens a reply and its end-of-turn marker become, how an image
 expansion merges with its context, how many image tokens a size gives) a toy tokenizer proves
 nothing, so these builders take each family's published tokenizer (a ``tokenizer.json`` folder:
-Llama-2, Llama 3.1, Gemma 3) and its published chat template, and put a randomly initialised
-model of a few million parameters behind it. The language models have head_dim 64 (what vLLM's
-CPU attention takes) and the folders load in transformers, peft, lm-eval and vLLM alike.
+Llama-2, Llama 3, Gemma 3) and its published chat template, and put a randomly initialised model
+behind it: 4 M (LLaVA) to 34 M (Gemma 3) parameters, nearly all of them the vocabulary's
+embedding rows. The language models have head_dim 64 (what vLLM's CPU attention takes) and the
+folders load in transformers, peft, lm-eval and vLLM alike.
 
 ``whole_characters`` zeroes the output-layer rows of tokens that decode to a partial UTF-8
 character (and of special tokens other than the end-of-turn ones), so that greedy completions of
@@ -41,7 +42,8 @@ LLAVA_HF_TEMPLATE = (
 
 # The vicuna template of LLaVA-NeXT's conversions (huggingface/transformers@1d2fe0d8,
 # src/transformers/models/llava_next_video/convert_llava_next_video_weights_to_hf.py,
-# ``chat_vicuna``): a system prompt written as is, no {% generation %} marks.
+# ``chat_vicuna``): a system prompt written as is, no {% generation %} marks. As upstream wrote
+# it, a system message's text comes out twice (once as is, once from the text loop).
 LLAVA_VICUNA_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"

@@ -2,9 +2,9 @@
 
 LLaVA-1.5 (Llama-2's tokenizer as llava-hf extends it, llava-hf's template), LLaVA-NeXT (the same,
 and the vicuna template of LLaVA-NeXT's conversions), Gemma 3 (its tokenizer and template) and
-Idefics3 (Llama 3's tokenizer, Idefics3's template), as tiny random models
-(``rejalign_train.tiny_families``); Qwen2-VL and Qwen2.5-VL have the same matrix in
-``tests/test_qwen2vl.py``. For each family:
+Idefics3 (Llama 3's tokenizer with Idefics3's added tokens, Idefics3-8B-Llama3's template), as
+tiny random models (``rejalign_train.tiny_families``); Qwen2-VL and Qwen2.5-VL have the same
+matrix in ``tests/test_qwen2vl.py``. For each family:
 
 - the trainer's labels on a text-only, a refusal and a multi-turn sample (one batch, the
   text-only row first) are exactly the reply tokens plus the end-of-turn token, and
@@ -16,7 +16,9 @@ Idefics3 (Llama 3's tokenizer, Idefics3's template), as tiny random models
 - ``lm_eval --model vllm-vlm`` (vLLM 0.32 for CPU, in ``$REJALIGN_VLLM_PYTHON``) with the
   adapter as ``lora_local_path=`` gives the same greedy float32 completions as hf-multimodal.
   vLLM for CPU runs all four families; the one difference is the detokenizer's: vLLM keeps the
-  space of a completion's first Llama-2 "▁" word, which transformers drops.
+  space of a completion's first Llama-2 "▁" word, which transformers drops. Gemma 3's run is the
+  slowest (about 100 s on two cores): vLLM loads and deep-copies its 262k-token tokenizer some
+  twenty times while it builds its processors.
 
 The families differ where a trainer could go wrong: llava-hf's template ends replies with a
 space and no EOS (the trainer appends ``</s>``); the vicuna template has no ``{% generation %}``
@@ -52,6 +54,10 @@ GEN = ["--gen_kwargs", "max_gen_toks=12"]
 END_OF_TURN = {"llava15": "</s>", "llava_next": "</s>", "gemma3": "<end_of_turn>",
                "idefics3": "<end_of_utterance>"}  # fmt: skip
 LEAD = {"llava15": "", "llava_next": "", "gemma3": "", "idefics3": " "}
+ARCHITECTURE = {"llava15": "LlavaForConditionalGeneration",
+                "llava_next": "LlavaNextForConditionalGeneration",
+                "gemma3": "Gemma3ForConditionalGeneration",
+                "idefics3": "Idefics3ForConditionalGeneration"}  # fmt: skip
 SENTENCEPIECE = {"llava15", "llava_next"}  # Llama-2's "▁"-prefixed words
 PROJECTOR = {"llava15": "model.multi_modal_projector", "llava_next": "model.multi_modal_projector",
              "gemma3": "model.multi_modal_projector", "idefics3": "model.connector"}  # fmt: skip
@@ -343,6 +349,7 @@ def test_vllm_vlm_with_the_fit_adapter_equals_hf_multimodal(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert results["config"]["model_args"]["lora_local_path"] == str(adapter)
+    assert f"Resolved architecture: {ARCHITECTURE[family]}" in proc.stdout + proc.stderr
     got = completions(samples[TASK])
     if family in SENTENCEPIECE:
         # transformers decodes the completion alone, whose first "▁" its decoder strips; vLLM
