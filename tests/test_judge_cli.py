@@ -242,7 +242,7 @@ def test_report_shows_the_judge_columns_and_the_agreement_table(hf_judged, tmp_p
     text = (out / "report.md").read_text(encoding="utf-8")
     assert "## ASR (%) by judge" in text and "## Agreement between judges" in text
     header = next(line for line in text.splitlines() if f"{TASK}: paper judge" in line)
-    for judge in TEXT_JUDGES:
+    for judge in ("rule judge", *TEXT_JUDGES):  # the tasks log the rule judge's asr_rule
         assert f"{TASK}: {judge}" in header
     samples = {s["doc_id"]: s for s in _rows(_samples_file(hf_judged))}
     with open(out / "agreement.csv", newline="") as fh:
@@ -262,6 +262,7 @@ def test_report_shows_the_judge_columns_and_the_agreement_table(hf_judged, tmp_p
         shown = f"| paper judge | {judge} | {len(rows)} | {100 * float(row['agreement']):.1f} |"
         assert shown in text
     assert ("harmbench", "llama-guard-3") in agreement  # model judges against each other too
+    assert ("paper", "rule") in agreement and ("rule", "wildguard") in agreement
 
 
 def test_xstest_over_refusal_by_a_judge_with_a_refusal_notion(hf_judged, tmp_path):
