@@ -281,6 +281,12 @@ class VLLMEngine(Engine):
             ) from exc
         self.vllm = vllm
         path, self.lora = resolve_model(spec, model, adapter)
+        if self.lora is not None and not Path(self.lora).is_dir():
+            # a Hub adapter (StrongREJECT's published one): a local snapshot, so that its rank
+            # can be read and vLLM gets a folder (HF_HUB_OFFLINE uses the cache only)
+            from huggingface_hub import snapshot_download
+
+            self.lora = snapshot_download(self.lora)
         kwargs: dict[str, Any] = {"model": path, "dtype": dtype, "seed": 0}
         if self.lora is not None:
             kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(self.lora), max_loras=1)
@@ -360,12 +366,12 @@ def _exp(x: float) -> float:
 
 
 def _lora_rank(adapter: str) -> int:
-    """The adapter's rank rounded up to one vLLM accepts (a Hub id: vLLM's largest default)."""
+    """The adapter's rank rounded up to one vLLM accepts."""
     import json
 
     config = Path(adapter) / "adapter_config.json"
     if not config.is_file():
-        return 64
+        raise UsageError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
     data = json.loads(config.read_text(encoding="utf-8"))
     rank = max([int(data.get("r") or 8), *map(int, (data.get("rank_pattern") or {}).values())])
     for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
