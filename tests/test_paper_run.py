@@ -110,7 +110,7 @@ def test_every_group_names_known_tasks_and_sets_no_group_score(task_manager):
 
     folder = Path(__file__).parent.parent / "task_configs" / "groups"
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
-    assert set(configs) == {*PAPER_GROUPS, "rejalign_safety_text"}
+    assert set(configs) == {*PAPER_GROUPS, "rejalign_safety_text", "rejalign_vlguard"}
     for name, config in configs.items():
         assert config["group"] == name and "aggregate_metric_list" not in config
         assert all(t in task_manager.all_tasks for t in config["task"]), name
@@ -119,6 +119,9 @@ def test_every_group_names_known_tasks_and_sets_no_group_score(task_manager):
     assert configs["rejalign_safety_text"]["task"] == [
         "rejalign_figstep_text",
         "rejalign_mmsafety_text",
+    ]
+    assert configs["rejalign_vlguard"]["task"] == [
+        f"rejalign_vlguard_{subset}" for subset in ("unsafes", "safe_unsafes", "safe_safes")
     ]
 
 
