@@ -521,7 +521,16 @@ def greedy_labels(path: str | Path, name: str, items: list, processor: Any = Non
 
     spec = get_judge(name)
     loader = "AutoModelForImageTextToText" if spec.vision else "AutoModelForCausalLM"
-    model = getattr(transformers, loader).from_pretrained(path).eval()
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():  # a LoRA adapter on the base it names, through peft itself (as the
+        # hf engine does): transformers' own adapter loading needs a newer peft than our floor
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        model = getattr(transformers, loader).from_pretrained(base)
+        model = PeftModel.from_pretrained(model, str(path)).eval()
+    else:
+        model = getattr(transformers, loader).from_pretrained(path).eval()
     auto = transformers.AutoProcessor if spec.vision else transformers.AutoTokenizer
     proc = processor if processor is not None else auto.from_pretrained(path)
     tok = proc.tokenizer if spec.vision else proc
