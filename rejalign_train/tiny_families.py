@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rejalign_train.tiny import _rename_clip_weights_for_vllm
 
@@ -135,12 +136,28 @@ def _clip_llama(tokenizer, image_size: int, patch_size: int):
     return vision, text
 
 
+def _finish_llava(
+    model_cls: Any, config: Any, tok: Any, processor: Any, out: Path, family: str,
+    whole_characters: bool,
+) -> Path:
+    """Random weights for a LLaVA-family ``config``, saved for transformers and vLLM."""
+    import torch
+
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    if whole_characters:
+        _whole_characters(model, tok, [tok.eos_token_id])
+    _finish(model, processor, out, family, [tok.eos_token_id], tok.pad_token_id,
+            tok.bos_token_id)  # fmt: skip
+    _rename_clip_weights_for_vllm(out)
+    return out
+
+
 def build_tiny_llava15(
     out_dir: str | Path, tokenizer_dir: str | Path, *, whole_characters: bool = True
 ) -> Path:
     """LlavaForConditionalGeneration on Llama-2's tokenizer with llava-hf's template (32-pixel
     CLIP crops, patch 8: 16 image tokens)."""
-    import torch
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
@@ -164,14 +181,9 @@ def build_tiny_llava15(
         vision_feature_select_strategy="default", vision_feature_layer=-2,
         tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    if whole_characters:
-        _whole_characters(model, tok, [tok.eos_token_id])
-    _finish(model, processor, out, "llava15", [tok.eos_token_id], tok.pad_token_id,
-            tok.bos_token_id)  # fmt: skip
-    _rename_clip_weights_for_vllm(out)
-    return out
+    return _finish_llava(
+        LlavaForConditionalGeneration, config, tok, processor, out, "llava15", whole_characters
+    )
 
 
 def build_tiny_llava_next(
@@ -184,7 +196,6 @@ def build_tiny_llava_next(
     """LlavaNextForConditionalGeneration on Llama-2's tokenizer (llava-v1.6-vicuna-hf's setup):
     "anyres" tiling of 32-pixel crops on a 32/64-pixel grid, so the token count of an image
     depends on its shape."""
-    import torch
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -212,14 +223,10 @@ def build_tiny_llava_next(
         vision_feature_select_strategy="default", vision_feature_layer=-2,
         tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    if whole_characters:
-        _whole_characters(model, tok, [tok.eos_token_id])
-    _finish(model, processor, out, "llava_next", [tok.eos_token_id], tok.pad_token_id,
-            tok.bos_token_id)  # fmt: skip
-    _rename_clip_weights_for_vllm(out)
-    return out
+    return _finish_llava(
+        LlavaNextForConditionalGeneration, config, tok, processor, out, "llava_next",
+        whole_characters,
+    )
 
 
 def gemma3_tokenizer(tokenizer_dir: str | Path):
